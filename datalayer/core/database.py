@@ -1,0 +1,229 @@
+"""``DataLayer``: the one object a service holds. Owns the pool and the registry.
+
+Start-up order: connect (with retry while the database comes up), migrate or verify the
+migration ledger, then serve sessions. Everything hangs off the instance; there is no
+module-level state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+import orjson
+
+from datalayer.core import migrations
+from datalayer.core.context import Context
+from datalayer.core.errors import (
+    ConfigError,
+    DataLayerError,
+    SerializationFailure,
+    Unavailable,
+    translate,
+)
+from datalayer.core.registry import QueryInfo, Registry
+from datalayer.core.resources import resource_dir
+from datalayer.core.session import (
+    DLConnection,
+    Isolation,
+    Session,
+    SessionScope,
+    acquire_with_timeout,
+)
+from datalayer.settings import Settings
+
+__all__ = ["DataLayer"]
+
+log = logging.getLogger("datalayer")
+T = TypeVar("T")
+
+# Errors worth waiting out while a database starts (refused, starting up, too many clients).
+_RETRYABLE_CONNECT = (OSError, asyncio.TimeoutError, asyncpg.CannotConnectNowError,
+                      asyncpg.TooManyConnectionsError, asyncpg.ConnectionDoesNotExistError)
+
+
+def _jsonb_encode(value: Any) -> bytes:
+    return b"\x01" + orjson.dumps(value)  # jsonb binary format: version byte, then text
+
+
+def _jsonb_decode(data: bytes) -> Any:
+    return orjson.loads(data[1:])
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", schema="pg_catalog", format="binary",
+                              encoder=_jsonb_encode, decoder=_jsonb_decode)
+    await conn.set_type_codec("json", schema="pg_catalog", format="binary",
+                              encoder=orjson.dumps, decoder=orjson.loads)
+
+
+async def _keep_context(conn: asyncpg.Connection) -> None:
+    """Pool reset: nothing to send. asyncpg has already rolled back any open transaction
+    (``Connection._reset``); the context stays and is checked on the next acquire."""
+
+
+class DataLayer:
+    """Pools, registry and sessions for one process. ``async with DataLayer(settings) as dl``."""
+
+    def __init__(self, settings: Settings | None = None, *, queries_dir: Path | None = None,
+                 schema_dir: Path | None = None) -> None:
+        self.settings = settings or Settings.from_env()
+        self.schema_dir = schema_dir or resource_dir("schema")
+        self.registry = Registry.load(queries_dir or resource_dir("queries"))
+        self._pool: asyncpg.Pool | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> DataLayer:
+        """Connect (retrying with backoff up to ``connect_timeout_s``), then migrate or
+        verify that the database is current. Raises ``Unavailable``, ``SchemaDrift``."""
+        if self._pool is not None:
+            return self
+        s = self.settings
+        await self._wait_for_database()
+        if s.migrate_on_start:
+            await asyncio.to_thread(migrations.apply, s, self.schema_dir)
+        else:
+            await asyncio.to_thread(migrations.verify, s, self.schema_dir)
+        server_settings = {"application_name": s.application_name}
+        if s.statement_timeout_ms:
+            server_settings["statement_timeout"] = str(s.statement_timeout_ms)
+        try:
+            self._pool = await asyncpg.create_pool(
+                s.database_url,
+                min_size=s.pool_min_size,
+                max_size=s.pool_max_size,
+                init=_init_connection,
+                reset=_keep_context,
+                connection_class=DLConnection,
+                statement_cache_size=max(s.statement_cache_size, 2 * len(self.registry)),
+                server_settings=server_settings,
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise (translate(exc) or Unavailable("cannot connect to the database")) from exc
+        log.info("datalayer started", extra={"queries": len(self.registry),
+                                              "context_mode": s.context_mode})
+        return self
+
+    async def _wait_for_database(self) -> None:
+        s = self.settings
+        deadline = time.monotonic() + s.connect_timeout_s
+        delay = 0.1
+        while True:
+            try:
+                conn = await asyncpg.connect(s.migration_url, timeout=5)
+                await conn.close()
+                return
+            except _RETRYABLE_CONNECT as exc:
+                if time.monotonic() + delay > deadline:
+                    raise Unavailable(
+                        f"PostgreSQL did not answer within {s.connect_timeout_s:g}s "
+                        f"({type(exc).__name__}); is it running and is DATABASE_URL right?"
+                    ) from exc
+                log.info("waiting for database", extra={"retry_in_s": delay})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            except asyncpg.PostgresError as exc:
+                raise (translate(exc) or Unavailable("the database refused the connection")) \
+                    from exc
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    async def __aenter__(self) -> DataLayer:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """The asyncpg pool. Connections from it may carry a tenant context: use sessions."""
+        if self._pool is None:
+            raise ConfigError("DataLayer is not started; use 'async with DataLayer(...)' "
+                              "or await dl.start()")
+        return self._pool
+
+    async def _acquire(self) -> Any:
+        return await acquire_with_timeout(self.pool, self.settings.acquire_timeout_s)
+
+    async def _release(self, conn: Any, *, broken: bool) -> None:
+        if broken:
+            conn.terminate()  # never hand out a connection in an unknown state
+        await self.pool.release(conn)
+
+    # -- sessions -----------------------------------------------------------------------
+    def session(self, ctx: Context, *, readonly: bool = False,
+                isolation: Isolation = "read_committed") -> SessionScope:
+        """A session for ``ctx``: one connection, RLS enforced, context applied.
+
+        Read-write: a transaction, committed on success and rolled back on any exception
+        (cancellation included). ``readonly=True`` at READ COMMITTED runs statements
+        directly, without BEGIN/COMMIT; with another isolation it opens a read-only
+        transaction.
+        """
+        return SessionScope(self, ctx, readonly=readonly, isolation=isolation)
+
+    def system(self) -> SessionScope:
+        """A read-write session as the maintenance role (BYPASSRLS), for cross-tenant jobs
+        (retention, roll-ups, refreshes). Never hand it to request code."""
+        return SessionScope(self, None, readonly=False, isolation="read_committed", system=True)
+
+    async def run_in_session(self, ctx: Context, fn: Callable[[Session], Awaitable[T]], *,
+                             retries: int = 3, readonly: bool = False,
+                             isolation: Isolation = "read_committed") -> T:
+        """Run ``fn(db)`` in a session, re-running it (in a new transaction) on serialization
+        failure or deadlock, up to ``retries`` times, with jittered exponential backoff.
+        ``fn`` must be safe to re-run: everything it did in the database was rolled back."""
+        attempt = 0
+        while True:
+            try:
+                async with self.session(ctx, readonly=readonly, isolation=isolation) as db:
+                    return await fn(db)
+            except SerializationFailure:
+                attempt += 1
+                if attempt > retries:
+                    raise
+                await asyncio.sleep(random.uniform(0, 0.005 * 2**attempt))
+
+    # -- introspection ------------------------------------------------------------------
+    async def validate(self) -> list[QueryInfo]:
+        """Prepare and describe every registry query (``datalayer check``)."""
+        async with self.pool.acquire() as conn:
+            return await self.registry.validate(conn, self.settings.database_url)
+
+    async def health(self) -> dict[str, Any]:
+        """Database reachable, migrations current, pool figures. Raises nothing: failures
+        are reported in the result (``ok`` false)."""
+        out: dict[str, Any] = {"ok": True}
+        started = time.perf_counter()
+        try:
+            async with self.pool.acquire() as conn:
+                out["database"] = {
+                    "ok": True,
+                    "server_version": await conn.fetchval("SHOW server_version"),
+                    "latency_ms": round((time.perf_counter() - started) * 1000, 2),
+                }
+        except (DataLayerError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            out["ok"] = False
+            out["database"] = {"ok": False, "error": str(translate(exc) or exc)}
+        try:
+            status = await asyncio.to_thread(migrations.status, self.settings, self.schema_dir)
+            pending = [m.id for m in status if not m.applied]
+            out["migrations"] = {"ok": not pending, "applied": len(status) - len(pending),
+                                 "pending": pending}
+            out["ok"] = out["ok"] and not pending
+        except DataLayerError as exc:
+            out["ok"] = False
+            out["migrations"] = {"ok": False, "error": str(exc)}
+        pool = self.pool
+        out["pool"] = {"size": pool.get_size(), "idle": pool.get_idle_size(),
+                       "min": pool.get_min_size(), "max": pool.get_max_size()}
+        return out

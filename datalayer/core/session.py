@@ -1,0 +1,374 @@
+"""Sessions: one pooled connection with a tenant context applied, and the calls that run queries.
+
+``Session`` is the executor every repository uses. It knows query names (through the
+registry) but nothing about domains; repositories know domains but not the driver.
+
+Context application, per ``Settings.context_mode``:
+
+* ``session`` (direct connections): the context is applied at session level and
+  remembered on the connection (``ConnState.key``). A session for the context the
+  connection already carries pays no round trip; any other context is applied in one
+  round trip that overwrites *every* context setting and the role. The key is set only
+  once the applying statement has durably taken effect, and cleared before, so an
+  interrupted apply (error, cancellation, rollback) forces a full re-apply next time.
+  Such connections also default to read-only transactions: only an explicit
+  ``BEGIN READ WRITE`` can write.
+* ``transaction`` (behind PgBouncer transaction pooling): ``BEGIN``, the role and the
+  settings go in one round trip as transaction-local values, gone at COMMIT/ROLLBACK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+
+import asyncpg
+
+from datalayer.core.context import SYSTEM_KEY, Context, system_sql
+from datalayer.core.errors import DataLayerError, Timeout, Unavailable, ValidationError, translate
+from datalayer.core.sqlfile import Query, Shape
+
+if TYPE_CHECKING:
+    from datalayer.core.database import DataLayer
+    from datalayer.repos.orgs import Organizations
+
+__all__ = ["ConnState", "DLConnection", "Isolation", "RowQuery", "Session", "SessionScope"]
+
+log = logging.getLogger("datalayer.session")
+
+T = TypeVar("T")
+Isolation = Literal["read_committed", "repeatable_read", "serializable"]
+_ISOLATION = {
+    "read_committed": "READ COMMITTED",
+    "repeatable_read": "REPEATABLE READ",
+    "serializable": "SERIALIZABLE",
+}
+
+
+class ConnState:
+    """What this process knows about a connection's session-level context."""
+
+    __slots__ = ("key",)
+
+    def __init__(self) -> None:
+        self.key: tuple[object, ...] | None = None  # None: unknown, apply in full
+
+
+class DLConnection(asyncpg.Connection):
+    """asyncpg connection carrying a :class:`ConnState` (reachable through pool proxies)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.dl_state = ConnState()
+
+
+@dataclass(frozen=True, slots=True)
+class RowQuery(Generic[T]):
+    """A registry query name bound to the row dataclass it returns (sqlc's typed handle).
+
+    Repositories declare these at module level; a test prepares each one and checks that
+    the dataclass fields match the result columns by name, order, type and nullability.
+    """
+
+    name: str
+    row: type[T]
+
+
+class Session:
+    """One connection with a context applied. Not safe to share between tasks.
+
+    Each call is one round trip. Keyword arguments bind to the query's ``:name``
+    parameters; a missing or unexpected one raises ``ValidationError`` before anything
+    is sent.
+    """
+
+    __slots__ = ("_conn", "_ctx", "_dl", "_orgs", "_queries", "_readonly", "_sp", "_tx")
+
+    def __init__(self, dl: DataLayer, conn: Any, ctx: Context | None, *, readonly: bool,
+                 in_transaction: bool) -> None:
+        self._dl = dl
+        self._conn = conn
+        self._ctx = ctx
+        self._queries = dl.registry.raw
+        self._readonly = readonly
+        self._tx = in_transaction
+        self._sp = itertools.count(1)
+        self._orgs: Organizations | None = None
+
+    @property
+    def context(self) -> Context | None:
+        """The session's context; None for ``dl.system()``."""
+        return self._ctx
+
+    @property
+    def readonly(self) -> bool:
+        return self._readonly
+
+    @property
+    def connection(self) -> asyncpg.Connection:
+        """The underlying asyncpg connection, for COPY and LISTEN-style work the registry
+        does not cover. Do not change roles or ``app.*`` settings on it."""
+        conn: asyncpg.Connection = self._conn
+        return conn
+
+    def _query(self, name: str, shape: Shape) -> Query:
+        q = self._queries.get(name)
+        if q is None:
+            raise self._dl.registry.unknown(name)
+        if q.shape is not shape:
+            raise ValidationError(f"{name} is a :{q.shape.value} query, not :{shape.value}")
+        return q
+
+    # -- shaped calls -------------------------------------------------------------------
+    async def one(self, name: str, /, **params: object) -> asyncpg.Record | None:
+        """``:one`` query: the row, or None."""
+        q = self._query(name, Shape.ONE)
+        try:
+            row: asyncpg.Record | None = await self._conn.fetchrow(q.sql, *q.bind(params))
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            raise _mapped(exc, name) from exc
+        return row
+
+    async def many(self, name: str, /, **params: object) -> list[asyncpg.Record]:
+        """``:many`` query: a list of rows."""
+        q = self._query(name, Shape.MANY)
+        try:
+            rows: list[asyncpg.Record] = await self._conn.fetch(q.sql, *q.bind(params))
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            raise _mapped(exc, name) from exc
+        return rows
+
+    async def scalar(self, name: str, /, **params: object) -> Any:
+        """``:scalar`` query: the first column of the first row (None without rows)."""
+        q = self._query(name, Shape.SCALAR)
+        try:
+            return await self._conn.fetchval(q.sql, *q.bind(params))
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            raise _mapped(exc, name) from exc
+
+    async def exec(self, name: str, /, **params: object) -> str:
+        """``:exec`` query: the command status (``'UPDATE 3'``)."""
+        q = self._query(name, Shape.EXEC)
+        try:
+            status: str = await self._conn.execute(q.sql, *q.bind(params))
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            raise _mapped(exc, name) from exc
+        return status
+
+    async def execrows(self, name: str, /, **params: object) -> int:
+        """``:execrows`` query: the number of rows affected."""
+        q = self._query(name, Shape.EXECROWS)
+        try:
+            status: str = await self._conn.execute(q.sql, *q.bind(params))
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            raise _mapped(exc, name) from exc
+        tail = status.rpartition(" ")[2]
+        return int(tail) if tail.isdigit() else 0
+
+    async def copy(self, name: str, /, records: Iterable[Sequence[object]]) -> int:
+        """``:copy`` query: COPY ``records`` (tuples in the declared column order); row count."""
+        q = self._query(name, Shape.COPY)
+        assert q.copy_table is not None
+        schema, _, table = q.copy_table.rpartition(".")
+        try:
+            status: str = await self._conn.copy_records_to_table(
+                table, records=records, columns=list(q.copy_columns), schema_name=schema or None
+            )
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            raise _mapped(exc, name) from exc
+        return int(status.rpartition(" ")[2] or 0)
+
+    async def run(self, name: str, /, **params: object) -> Any:
+        """Run any query by name; the result follows its shape (see ``one``, ``many``, …)."""
+        q = self._queries.get(name)
+        if q is None:
+            raise self._dl.registry.unknown(name)
+        if q.shape is Shape.COPY:
+            records = params.pop("records", None)
+            if records is None or params:
+                raise ValidationError(f"{name} is a :copy query; call it with records=[...]")
+            return await self.copy(name, records)  # type: ignore[arg-type]
+        return await _SHAPE_CALL[q.shape](self, name, **params)
+
+    # -- typed rows ---------------------------------------------------------------------
+    async def fetch_one(self, query: RowQuery[T], /, **params: object) -> T | None:
+        """Run a ``:one`` query and build its row dataclass (by column name)."""
+        row = await self.one(query.name, **params)
+        return None if row is None else query.row(**row)
+
+    async def fetch_many(self, query: RowQuery[T], /, **params: object) -> list[T]:
+        """Run a ``:many`` query and build a row dataclass per row."""
+        cls = query.row
+        return [cls(**r) for r in await self.many(query.name, **params)]
+
+    # -- transactions -------------------------------------------------------------------
+    @asynccontextmanager
+    async def savepoint(self) -> AsyncIterator[Session]:
+        """A nested transaction: an exception inside rolls back to here and propagates."""
+        if not self._tx:
+            raise ValidationError("savepoint() needs a transaction; read-only sessions run "
+                                  "without one unless opened with isolation='repeatable_read'")
+        name = f"dl_sp_{next(self._sp)}"
+        await self._plain(f"SAVEPOINT {name}")
+        try:
+            yield self
+        except BaseException:
+            await self._plain(f"ROLLBACK TO SAVEPOINT {name}; RELEASE SAVEPOINT {name}")
+            raise
+        else:
+            await self._plain(f"RELEASE SAVEPOINT {name}")
+
+    async def _plain(self, sql: str) -> None:
+        try:
+            await self._conn.execute(sql)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            raise _mapped(exc, None) from exc
+
+    # -- repositories -------------------------------------------------------------------
+    @property
+    def orgs(self) -> Organizations:
+        if self._orgs is None:
+            from datalayer.repos.orgs import Organizations
+
+            self._orgs = Organizations(self)
+        return self._orgs
+
+
+_SHAPE_CALL: dict[Shape, Any] = {
+    Shape.ONE: Session.one,
+    Shape.MANY: Session.many,
+    Shape.SCALAR: Session.scalar,
+    Shape.EXEC: Session.exec,
+    Shape.EXECROWS: Session.execrows,
+}
+
+
+def _mapped(exc: BaseException, query: str | None) -> DataLayerError:
+    err = translate(exc, query)
+    if err is None:  # an InterfaceError that is our misuse, not the database's answer
+        err = DataLayerError(f"{query or 'statement'}: {type(exc).__name__}: {exc}", query=query)
+    return err
+
+
+class SessionScope:
+    """``async with dl.session(ctx) as db``: acquire, apply context, begin; commit or roll back.
+
+    Written as a class rather than a generator-based context manager: it runs on every
+    request, and this way costs two plain method calls.
+    """
+
+    __slots__ = ("_applied", "_conn", "_ctx", "_dl", "_isolation", "_readonly", "_session",
+                 "_system", "_tx")
+
+    def __init__(self, dl: DataLayer, ctx: Context | None, *, readonly: bool,
+                 isolation: Isolation, system: bool = False) -> None:
+        if not system and not isinstance(ctx, Context):
+            raise ValidationError("session() needs a Context (use Context(org_id=None) for none)")
+        if isolation not in _ISOLATION:
+            raise ValidationError(f"isolation must be one of {', '.join(_ISOLATION)}")
+        self._dl = dl
+        self._ctx = ctx
+        self._readonly = readonly
+        self._isolation = isolation
+        self._system = system
+        self._conn: Any = None
+        self._applied: tuple[object, ...] | None = None
+        self._session: Session | None = None
+        self._tx = False
+
+    async def __aenter__(self) -> Session:
+        dl = self._dl
+        conn = await dl._acquire()
+        try:
+            await self._begin(conn)
+        except BaseException as exc:
+            await dl._release(conn, broken=True)
+            if isinstance(exc, DataLayerError | asyncio.CancelledError):
+                raise
+            if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError | OSError):
+                raise _mapped(exc, "session start") from exc
+            raise
+        self._conn = conn
+        self._session = Session(dl, conn, self._ctx, readonly=self._readonly,
+                                in_transaction=self._tx)
+        return self._session
+
+    async def _begin(self, conn: Any) -> None:
+        ctx = self._ctx
+        key = SYSTEM_KEY if self._system else ctx.key  # type: ignore[union-attr]
+        ro = self._readonly or (ctx is not None and ctx.read_only)
+        need_tx = not self._readonly or self._isolation != "read_committed"
+        begin = (f"BEGIN ISOLATION LEVEL {_ISOLATION[self._isolation]} "
+                 f"{'READ ONLY' if ro else 'READ WRITE'}")
+        if self._dl.settings.context_mode == "transaction":
+            sql = system_sql(local=True) if self._system else ctx.local_sql  # type: ignore[union-attr]
+            self._tx = True
+            await conn.execute(f"{begin}; {sql}")
+            return
+        state: Any = conn.dl_state
+        if state.key == key:
+            if need_tx:
+                self._tx = True
+                await conn.execute(begin)
+            return
+        sql = system_sql(local=False) if self._system else ctx.session_sql  # type: ignore[union-attr]
+        state.key = None  # unknown until the apply has durably taken effect
+        if need_tx:
+            # Applied inside the transaction: it only sticks if the transaction commits.
+            self._tx = True
+            self._applied = key
+            await conn.execute(f"{begin}; {sql}")
+        else:
+            await conn.execute(sql)
+            state.key = key
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: object) -> None:
+        conn, self._conn = self._conn, None
+        dl = self._dl
+        if not self._tx:
+            await dl._release(conn, broken=exc_type is asyncio.CancelledError)
+            return
+        if exc_type is None:
+            try:
+                await conn.execute("COMMIT")
+            except BaseException as commit_exc:
+                # A failed COMMIT has rolled back; the apply (if any) did not stick.
+                await dl._release(conn, broken=True)
+                if isinstance(commit_exc, asyncpg.PostgresError | asyncpg.InterfaceError
+                              | OSError):
+                    raise _mapped(commit_exc, "commit") from commit_exc
+                raise
+            if self._applied is not None:
+                conn.dl_state.key = self._applied
+            await dl._release(conn, broken=False)
+            return
+        # Exception or cancellation: roll back. If the connection cannot even do that
+        # (lost, or a cancelled query still running), it is terminated, never reused.
+        broken = exc_type is asyncio.CancelledError
+        if not broken:
+            try:
+                await conn.execute("ROLLBACK")
+            except BaseException:
+                broken = True
+        await dl._release(conn, broken=broken)
+
+
+async def acquire_with_timeout(pool: asyncpg.Pool, timeout: float) -> Any:
+    """``pool.acquire`` with the configured timeout, mapped to our errors."""
+    try:
+        return await pool.acquire(timeout=timeout)
+    except asyncio.TimeoutError:
+        raise Timeout(
+            f"no database connection became free within {timeout:g}s; raise "
+            "DATALAYER_POOL_MAX or DATALAYER_ACQUIRE_TIMEOUT_S, or look for sessions held "
+            "open too long"
+        ) from None
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        err = translate(exc)
+        raise (err or Unavailable("cannot connect to the database")) from exc

@@ -1,0 +1,1 @@
+"""Repositories: thin, typed wrappers over the named queries of one domain each."""

@@ -1,0 +1,178 @@
+"""Settings, read once from the environment at start-up.
+
+Every invalid value fails at start with one message naming the variable; production
+refuses the defaults that are only safe on a developer's machine.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import urlsplit
+
+from datalayer.core.errors import ConfigError
+
+__all__ = ["DEFAULT_DATABASE_URL", "Settings"]
+
+Env = Literal["development", "testing", "production"]
+ContextMode = Literal["session", "transaction"]
+
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """Everything a :class:`~datalayer.DataLayer` needs; build with :meth:`from_env` or directly."""
+
+    database_url: str = DEFAULT_DATABASE_URL
+    admin_url: str | None = None  # migrations; None → database_url
+    redis_url: str | None = None
+    env: Env = "development"
+    pool_min_size: int = 2
+    pool_max_size: int = 10
+    statement_timeout_ms: int = 30_000
+    acquire_timeout_s: float = 10.0
+    connect_timeout_s: float = 15.0  # total budget for retries while the database comes up
+    migrate_on_start: bool = True
+    migration_lock_timeout_s: float = 60.0
+    context_mode: ContextMode = "session"
+    statement_cache_size: int = 512
+    application_name: str = "datalayer"
+    # "kid:base64key,…", the first one active. Secret: never in repr.
+    keys: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        for name, url in (("DATABASE_URL", self.database_url), ("DATALAYER_ADMIN_URL",
+                                                                  self.admin_url)):
+            if url is not None:
+                _check_url(name, url)
+        if self.redis_url is not None and urlsplit(self.redis_url).scheme not in (
+            "redis", "rediss", "unix"
+        ):
+            raise ConfigError("REDIS_URL must start with redis://, rediss:// or unix://")
+        if self.env not in ("development", "testing", "production"):
+            raise ConfigError("DATALAYER_ENV must be one of development, testing, production")
+        if self.context_mode not in ("session", "transaction"):
+            raise ConfigError("DATALAYER_CONTEXT_MODE must be 'session' or 'transaction'")
+        if not 0 <= self.pool_min_size <= self.pool_max_size or self.pool_max_size < 1:
+            raise ConfigError(
+                "DATALAYER_POOL_MIN/DATALAYER_POOL_MAX: need 0 <= min <= max and max >= 1"
+            )
+        if self.statement_timeout_ms < 0:
+            raise ConfigError("DATALAYER_STATEMENT_TIMEOUT_MS must be >= 0 (0 disables it)")
+        for name, value in (("DATALAYER_ACQUIRE_TIMEOUT_S", self.acquire_timeout_s),
+                            ("DATALAYER_CONNECT_TIMEOUT_S", self.connect_timeout_s),
+                            ("DATALAYER_MIGRATION_LOCK_TIMEOUT_S",
+                             self.migration_lock_timeout_s)):
+            if value <= 0:
+                raise ConfigError(f"{name} must be > 0 seconds")
+        if self.keys is not None:
+            parse_keys(self.keys)
+        if self.env == "production":
+            if not self.keys:
+                raise ConfigError(
+                    "DATALAYER_KEYS is required when DATALAYER_ENV=production "
+                    "(format: kid:base64-32-byte-key[,kid:key…])"
+                )
+            if self.database_url == DEFAULT_DATABASE_URL:
+                raise ConfigError("DATABASE_URL must be set explicitly when DATALAYER_ENV=production")
+
+    @property
+    def migration_url(self) -> str:
+        return self.admin_url or self.database_url
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read settings from ``environ`` (default ``os.environ``); see the README's table."""
+        e = os.environ if environ is None else environ
+        env = e.get("DATALAYER_ENV", "development")
+        default_url = DEFAULT_DATABASE_URL
+        kwargs: dict[str, object] = {
+            "database_url": e.get("DATABASE_URL") or default_url,
+            "admin_url": e.get("DATALAYER_ADMIN_URL") or None,
+            "redis_url": e.get("REDIS_URL") or None,
+            "env": env,
+            "keys": e.get("DATALAYER_KEYS") or None,
+        }
+        ints = {
+            "pool_min_size": "DATALAYER_POOL_MIN",
+            "pool_max_size": "DATALAYER_POOL_MAX",
+            "statement_timeout_ms": "DATALAYER_STATEMENT_TIMEOUT_MS",
+            "statement_cache_size": "DATALAYER_STATEMENT_CACHE_SIZE",
+        }
+        for attr, var in ints.items():
+            if e.get(var):
+                kwargs[attr] = _int(var, e[var])
+        floats = {
+            "acquire_timeout_s": "DATALAYER_ACQUIRE_TIMEOUT_S",
+            "connect_timeout_s": "DATALAYER_CONNECT_TIMEOUT_S",
+            "migration_lock_timeout_s": "DATALAYER_MIGRATION_LOCK_TIMEOUT_S",
+        }
+        for attr, var in floats.items():
+            if e.get(var):
+                kwargs[attr] = _float(var, e[var])
+        if e.get("DATALAYER_MIGRATE_ON_START"):
+            kwargs["migrate_on_start"] = _bool("DATALAYER_MIGRATE_ON_START",
+                                               e["DATALAYER_MIGRATE_ON_START"])
+        if e.get("DATALAYER_CONTEXT_MODE"):
+            kwargs["context_mode"] = e["DATALAYER_CONTEXT_MODE"]
+        if e.get("DATALAYER_APPLICATION_NAME"):
+            kwargs["application_name"] = e["DATALAYER_APPLICATION_NAME"]
+        return cls(**kwargs)  # type: ignore[arg-type]
+
+
+def parse_keys(text: str) -> list[tuple[str, bytes]]:
+    """Parse ``DATALAYER_KEYS``: ``kid:base64key`` pairs, comma-separated, first is active."""
+    keys: list[tuple[str, bytes]] = []
+    for i, part in enumerate(p.strip() for p in text.split(",")):
+        kid, sep, b64 = part.partition(":")
+        if not sep or not kid or not kid.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"DATALAYER_KEYS entry {i + 1} must look like 'kid:base64key'")
+        try:
+            raw = base64.b64decode(b64, validate=True)
+        except ValueError:
+            raise ConfigError(f"DATALAYER_KEYS entry {i + 1} ({kid}) is not valid base64") from None
+        if len(raw) != 32:
+            raise ConfigError(
+                f"DATALAYER_KEYS entry {i + 1} ({kid}) must decode to 32 bytes, not {len(raw)}"
+            )
+        if any(k == kid for k, _ in keys):
+            raise ConfigError(f"DATALAYER_KEYS has key id {kid!r} twice")
+        keys.append((kid, raw))
+    return keys
+
+
+def _check_url(var: str, url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(f"{var} must be a postgresql:// URL")
+    if not parts.hostname and "host=" not in (parts.query or ""):
+        raise ConfigError(f"{var} must name a host (postgresql://user@host:port/db)")
+
+
+def _int(var: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{var} must be an integer, got {value!r}") from None
+
+
+def _float(var: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"{var} must be a number, got {value!r}") from None
+
+
+def _bool(var: str, value: str) -> bool:
+    v = value.strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise ConfigError(f"{var} must be true or false, got {value!r}")

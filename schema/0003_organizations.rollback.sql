@@ -1,0 +1,2 @@
+DROP TABLE organizations;
+DROP FUNCTION app.touch_updated_at();

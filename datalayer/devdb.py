@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from datalayer.core.errors import DataLayerError
+
 ENV_DIR = "DATALAYER_DEVDB_DIR"
 DEV_USER = "datalayer-dev"
 SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes on Linux, 104 on macOS
@@ -27,7 +29,7 @@ NO_SERVER = ("no PostgreSQL server binaries (initdb, pg_ctl) found: install Post
              "binaries (e.g. apt-get install postgresql) or `pip install 'datalayer[embedded]'`")
 
 
-class DevDBError(RuntimeError):
+class DevDBError(DataLayerError):
     """A dev-db operation failed; the message is written for the user."""
 
 
@@ -183,7 +185,8 @@ class DevDB:
     def status(self) -> str:
         """``"running on PORT"``, ``"stopped"`` or ``"not initialised"``."""
         pgserver = find_binaries() is None
-        if not (self.root.absolute() / ("pgserver" if pgserver else "data") / "PG_VERSION").exists():
+        cluster = self.root.absolute() / "pgserver" if pgserver else self.data
+        if not (cluster / "PG_VERSION").exists():
             return "not initialised"
         if pgserver:
             return "running (pgserver)" if self._pgserver_pid() else "stopped"

@@ -80,7 +80,9 @@ class Settings:
                     "(format: kid:base64-32-byte-key[,kid:key…])"
                 )
             if self.database_url == DEFAULT_DATABASE_URL:
-                raise ConfigError("DATABASE_URL must be set explicitly when DATALAYER_ENV=production")
+                raise ConfigError(
+                    "DATABASE_URL must be set explicitly when DATALAYER_ENV=production"
+                )
 
     @property
     def migration_url(self) -> str:

@@ -122,7 +122,7 @@ class Context:
 
     def with_(self, **changes: object) -> Context:
         """A copy with ``changes`` applied (and validated)."""
-        fields = {
+        fields: dict[str, object] = {
             "org_id": self.org_id, "user_id": self.user_id, "role": self.role,
             "read_only": self.read_only, "request_id": self.request_id, "ip": self.ip,
             "user_agent": self.user_agent,

@@ -8,10 +8,11 @@ module-level state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -71,11 +72,13 @@ async def _keep_context(conn: asyncpg.Connection) -> None:
 class DataLayer:
     """Pools, registry and sessions for one process. ``async with DataLayer(settings) as dl``."""
 
-    def __init__(self, settings: Settings | None = None, *, queries_dir: Path | None = None,
-                 schema_dir: Path | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, *,
+                 extra_queries: Sequence[Path] = (), schema_dir: Path | None = None) -> None:
+        """Loads the registry now (parse errors surface here); connects in :meth:`start`.
+        ``extra_queries`` adds directories of query files (for tests and extensions)."""
         self.settings = settings or Settings.from_env()
         self.schema_dir = schema_dir or resource_dir("schema")
-        self.registry = Registry.load(queries_dir or resource_dir("queries"))
+        self.registry = Registry.load(resource_dir("queries"), *extra_queries)
         self._pool: asyncpg.Pool | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -156,7 +159,10 @@ class DataLayer:
 
     async def _release(self, conn: Any, *, broken: bool) -> None:
         if broken:
-            conn.terminate()  # never hand out a connection in an unknown state
+            # Never hand out a connection in an unknown state. A connection that died
+            # has already gone back to the pool; terminate() then refuses, harmlessly.
+            with contextlib.suppress(asyncpg.InterfaceError):
+                conn.terminate()
         await self.pool.release(conn)
 
     # -- sessions -----------------------------------------------------------------------
@@ -170,6 +176,14 @@ class DataLayer:
         transaction.
         """
         return SessionScope(self, ctx, readonly=readonly, isolation=isolation)
+
+    def executor(self, conn: asyncpg.Connection) -> Session:
+        """Run registry queries and repositories on a connection you manage yourself.
+
+        No context is applied and no transaction is opened: what the connection's role
+        may see is what it gets. For tools and benchmarks; request code uses sessions.
+        """
+        return Session(self, conn, None, readonly=False, in_transaction=False)
 
     def system(self) -> SessionScope:
         """A read-write session as the maintenance role (BYPASSRLS), for cross-tenant jobs
@@ -223,7 +237,25 @@ class DataLayer:
         except DataLayerError as exc:
             out["ok"] = False
             out["migrations"] = {"ok": False, "error": str(exc)}
+        if self.settings.redis_url:
+            out["redis"] = await _redis_health(self.settings.redis_url)
+            out["ok"] = out["ok"] and out["redis"]["ok"]
         pool = self.pool
         out["pool"] = {"size": pool.get_size(), "idle": pool.get_idle_size(),
                        "min": pool.get_min_size(), "max": pool.get_max_size()}
         return out
+
+
+async def _redis_health(url: str) -> dict[str, Any]:
+    import redis.asyncio as aioredis
+    from redis.exceptions import RedisError
+
+    client = aioredis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    started = time.perf_counter()
+    try:
+        await client.ping()
+        return {"ok": True, "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
+    except (RedisError, OSError) as exc:
+        return {"ok": False, "error": f"{type(exc).__name__}: Redis did not answer"}
+    finally:
+        await client.aclose()

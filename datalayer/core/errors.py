@@ -204,8 +204,12 @@ def translate(exc: BaseException, query: str | None = None) -> DataLayerError | 
         )
     if isinstance(exc, asyncpg.exceptions.ConnectionDoesNotExistError | ConnectionError | OSError):
         return Unavailable(f"{prefix}the connection to the database was lost", query=query)
-    if isinstance(exc, asyncpg.InterfaceError) and "connection is closed" in str(exc):
-        return Unavailable(f"{prefix}the connection to the database is closed", query=query)
+    if isinstance(exc, asyncpg.InterfaceError) and (
+        "connection is closed" in str(exc) or "released back to the pool" in str(exc)
+    ):
+        # asyncpg returns a connection that died under a live session to its pool at once;
+        # a session that has ended cannot get here (it swaps in a closed marker).
+        return Unavailable(f"{prefix}the connection to the database was lost", query=query)
     if isinstance(exc, asyncio.TimeoutError):
         return Timeout(f"{prefix}timed out waiting for the database", query=query)
     return None

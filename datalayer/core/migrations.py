@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
@@ -48,9 +48,17 @@ class MigrationStatus:
     recorded_sha256: str | None  # what the ledger holds for an applied file
 
 
+# A migration connection whose client died must not keep running (and holding locks)
+# until its statement ends: the server checks the socket every second.
+_DEAD_CLIENT_CHECK = "-c client_connection_check_interval=1000"
+
+
 def _yoyo_uri(url: str) -> str:
     parts = urlsplit(url)
-    return urlunsplit(parts._replace(scheme="postgresql+psycopg"))
+    query = parse_qsl(parts.query)
+    if not any(k == "options" for k, _ in query):
+        query.append(("options", _DEAD_CLIENT_CHECK))
+    return urlunsplit(parts._replace(scheme="postgresql+psycopg", query=urlencode(query)))
 
 
 def _sha256(path: Path) -> str:
@@ -61,7 +69,8 @@ def _sha256(path: Path) -> str:
 def _locked(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
     """Hold the migration advisory lock for the block, waiting up to the configured timeout."""
     try:
-        conn = psycopg.connect(settings.migration_url, autocommit=True)
+        conn = psycopg.connect(settings.migration_url, autocommit=True,
+                               options=_DEAD_CLIENT_CHECK)
     except psycopg.OperationalError as exc:
         raise MigrationError(f"cannot connect with DATALAYER_ADMIN_URL/DATABASE_URL: "
                              f"{type(exc).__name__}") from exc

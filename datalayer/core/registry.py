@@ -1,4 +1,4 @@
-"""The query registry: every named query of ``queries/*.sql``, loaded once, checked against a schema.
+"""The query registry: every named query of ``queries/*.sql``, loaded once, checked by the DB.
 
 ``Registry.validate`` prepares each query on a migrated database and reports its parameter
 types, result columns and, for columns read straight from a table, their nullability. That is
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import asyncpg
 import psycopg
+from asyncpg.pool import PoolConnectionProxy
 from psycopg import pq
 
 from datalayer.core.errors import QueryLoadError, ValidationError
@@ -55,12 +56,14 @@ class Registry(Mapping[str, Query]):
         self._queries = queries
 
     @classmethod
-    def load(cls, directory: Path) -> Registry:
-        """Load every ``*.sql`` in ``directory``; errors name the file and line."""
-        if not directory.is_dir():
-            raise QueryLoadError(f"query directory {directory} does not exist")
+    def load(cls, *directories: Path) -> Registry:
+        """Load every ``*.sql`` in ``directories``; errors name the file and line."""
         queries: dict[str, Query] = {}
-        for path in sorted(directory.glob("*.sql")):
+        for directory in directories:
+            if not directory.is_dir():
+                raise QueryLoadError(f"query directory {directory} does not exist")
+        paths = [p for d in directories for p in sorted(d.glob("*.sql"))]
+        for path in paths:
             for q in parse_file(path):
                 if q.name in queries:  # cannot happen within a file; guards stems like a.b
                     raise QueryLoadError(
@@ -91,7 +94,8 @@ class Registry(Mapping[str, Query]):
         """The underlying dict, for hot paths that handle a missing key themselves."""
         return self._queries
 
-    async def validate(self, conn: asyncpg.Connection, dsn: str) -> list[QueryInfo]:
+    async def validate(self, conn: asyncpg.Connection | PoolConnectionProxy,
+                       dsn: str) -> list[QueryInfo]:
         """Prepare every query on ``conn`` and describe it; one :class:`QueryInfo` per query.
 
         Parameter and column types come from asyncpg's prepared statements; nullability
@@ -153,7 +157,7 @@ def _describe_origins(dsn: str, queries: list[Query]) -> dict[str, list[tuple[in
 
 
 async def _notnull_map(
-    conn: asyncpg.Connection, origins: set[tuple[int, int]]
+    conn: asyncpg.Connection | PoolConnectionProxy, origins: set[tuple[int, int]]
 ) -> dict[tuple[int, int], bool]:
     if not origins:
         return {}
@@ -167,11 +171,14 @@ async def _notnull_map(
     return {(r["rel"], r["num"]): r["attnotnull"] for r in rows}
 
 
-async def _validate_copy(conn: asyncpg.Connection, q: Query) -> QueryInfo:
+async def _validate_copy(conn: asyncpg.Connection | PoolConnectionProxy, q: Query) -> QueryInfo:
     assert q.copy_table is not None
     rows = await conn.fetch(
-        "SELECT a.attname, format_type(a.atttypid, a.atttypmod) AS type, a.attnotnull "
-        "FROM pg_attribute a WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 "
+        "SELECT a.attname, CASE WHEN n.nspname = 'pg_catalog' THEN t.typname "
+        "ELSE n.nspname || '.' || t.typname END AS type, a.attnotnull "
+        "FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
+        "JOIN pg_namespace n ON n.oid = t.typnamespace "
+        "WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 "
         "AND NOT a.attisdropped",
         q.copy_table,
     )

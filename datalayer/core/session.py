@@ -330,6 +330,8 @@ class SessionScope:
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: object) -> None:
         conn, self._conn = self._conn, None
+        if self._session is not None:
+            self._session._conn = _CLOSED
         dl = self._dl
         if not self._tx:
             await dl._release(conn, broken=exc_type is asyncio.CancelledError)
@@ -359,13 +361,23 @@ class SessionScope:
         await dl._release(conn, broken=broken)
 
 
-async def acquire_with_timeout(pool: asyncpg.Pool, timeout: float) -> Any:
-    """``pool.acquire`` with the configured timeout, mapped to our errors."""
+class _ClosedConnection:
+    """Stands in for the connection of a session that has ended."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise DataLayerError("the session is closed: use it only inside its 'async with' block")
+
+
+_CLOSED = _ClosedConnection()
+
+
+async def acquire_with_timeout(pool: asyncpg.Pool, limit_s: float) -> Any:
+    """``pool.acquire`` with the configured limit, mapped to our errors."""
     try:
-        return await pool.acquire(timeout=timeout)
-    except asyncio.TimeoutError:
+        return await pool.acquire(timeout=limit_s)
+    except TimeoutError:
         raise Timeout(
-            f"no database connection became free within {timeout:g}s; raise "
+            f"no database connection became free within {limit_s:g}s; raise "
             "DATALAYER_POOL_MAX or DATALAYER_ACQUIRE_TIMEOUT_S, or look for sessions held "
             "open too long"
         ) from None

@@ -251,7 +251,8 @@ def parse_text(text: str, *, namespace: str, filename: str) -> list[Query]:
             raise QueryLoadError(f"{where}: query {name!r} has an empty body")
         full = f"{namespace}.{name}"
         sql, params = rewrite(body, where)
-        copy_table, copy_columns = None, ()
+        copy_table: str | None = None
+        copy_columns: tuple[str, ...] = ()
         if shape is Shape.COPY:
             cm = _COPY.match(body)
             if not cm:

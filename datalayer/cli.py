@@ -1,0 +1,282 @@
+"""The ``datalayer`` command. Data goes to stdout, progress and errors to stderr.
+
+Every command reads its configuration from the environment (``Settings.from_env``); the
+variables are listed in ``datalayer --help`` and in the README. Failures exit non-zero with
+one line saying why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import os
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import replace
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import orjson
+
+from datalayer.core import migrations
+from datalayer.core.database import DataLayer
+from datalayer.core.errors import DataLayerError
+from datalayer.core.resources import resource_dir
+from datalayer.settings import Settings
+
+__all__ = ["main"]
+
+ENV_HELP = """\
+configuration (environment):
+  DATABASE_URL                     login role used at run time
+                                   (default postgresql://postgres@127.0.0.1:5432/postgres)
+  DATALAYER_ADMIN_URL              role that runs migrations (default: DATABASE_URL)
+  REDIS_URL                        optional Redis (redis://host:6379/0)
+  DATALAYER_ENV                    development | testing | production
+  DATALAYER_KEYS                   kid:base64key[,…] encryption keys (required in production)
+  DATALAYER_POOL_MIN / _POOL_MAX   pool size (2 / 10)
+  DATALAYER_STATEMENT_TIMEOUT_MS   per-statement limit, 0 = none (30000)
+  DATALAYER_ACQUIRE_TIMEOUT_S      wait for a pooled connection (10)
+  DATALAYER_CONNECT_TIMEOUT_S      wait for the database to come up at start (15)
+  DATALAYER_MIGRATE_ON_START       apply migrations at start (true)
+  DATALAYER_MIGRATION_LOCK_TIMEOUT_S  wait for another process's migration (60)
+  DATALAYER_CONTEXT_MODE           session | transaction (PgBouncer) (session)
+  DATALAYER_DEVDB_DIR              where `dev-db` keeps its cluster (./.datalayer/devdb)
+"""
+
+
+def _err(message: str) -> None:
+    print(f"datalayer: error: {message}", file=sys.stderr)
+
+
+def _json(data: Any) -> None:
+    sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2, default=str).decode() + "\n")
+
+
+def _settings(**overrides: Any) -> Settings:
+    s = Settings.from_env()
+    return replace(s, **overrides) if overrides else s
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    return asyncio.run(coro)
+
+
+# -- migrate ------------------------------------------------------------------------------
+def cmd_migrate(args: argparse.Namespace) -> int:
+    s = _settings()
+    schema = resource_dir("schema")
+    if args.action == "apply":
+        done = migrations.apply(s, schema)
+        print("\n".join(done) if done else "nothing to apply")
+    elif args.action == "rollback":
+        done = migrations.rollback(s, schema, count=None if args.all else args.count)
+        print("\n".join(f"rolled back {m}" for m in done) if done else "nothing to roll back")
+    else:
+        rows = migrations.status(s, schema)
+        if args.json:
+            _json([{"id": r.id, "applied": r.applied, "sha256": r.sha256,
+                    "recorded_sha256": r.recorded_sha256} for r in rows])
+        else:
+            for r in rows:
+                drift = " (CHANGED since applied)" if (
+                    r.recorded_sha256 and r.recorded_sha256 != r.sha256) else ""
+                print(f"{'applied' if r.applied else 'pending':8} {r.id}{drift}")
+        if args.strict:
+            migrations.verify(s, schema)
+    return 0
+
+
+# -- check ----------------------------------------------------------------------------------
+async def _check(args: argparse.Namespace) -> int:
+    async with DataLayer(_settings()) as dl:
+        infos = await dl.validate()
+    failures = [i for i in infos if not i.ok]
+    if args.json:
+        _json([{"name": i.name, "shape": i.shape.value, "ok": i.ok, "error": i.error,
+                "params": [{"name": n, "type": t} for n, t in i.params],
+                "columns": [{"name": c.name, "type": c.type, "nullable": c.nullable}
+                            for c in i.columns]} for i in infos])
+    else:
+        for i in infos:
+            if not i.ok:
+                print(f"FAIL {i.name}: {i.error}")
+                continue
+            params = ", ".join(f"{n} {t}" for n, t in i.params)
+            cols = ", ".join(
+                f"{c.name} {c.type}{'' if c.nullable is None else ('?' if c.nullable else '!')}"
+                for c in i.columns)
+            print(f"ok   {i.name} :{i.shape.value}({params})" + (f" -> {cols}" if cols else ""))
+        print(f"{len(infos) - len(failures)}/{len(infos)} queries prepared "
+              "('!' not null, '?' nullable, neither: computed)", file=sys.stderr)
+    if failures:
+        _err(f"{len(failures)} of {len(infos)} queries failed to prepare")
+        return 1
+    return 0
+
+
+# -- health ---------------------------------------------------------------------------------
+async def _health(args: argparse.Namespace) -> int:
+    async with DataLayer(_settings(migrate_on_start=False, connect_timeout_s=3.0)) as dl:
+        report = await dl.health()
+    if args.json:
+        _json(report)
+    else:
+        for part in ("database", "migrations", "redis", "pool"):
+            if part in report:
+                print(f"{part:11} {orjson.dumps(report[part], default=str).decode()}")
+    if not report["ok"]:
+        _err("unhealthy: " + ", ".join(k for k, v in report.items()
+                                        if isinstance(v, dict) and v.get("ok") is False))
+        return 1
+    return 0
+
+
+# -- demo -----------------------------------------------------------------------------------
+async def _demo(args: argparse.Namespace) -> int:
+    from datalayer.demo import run_demo
+
+    async with DataLayer(_settings()) as dl:
+        await run_demo(dl, sys.stdout)
+    return 0
+
+
+# -- dev-db ---------------------------------------------------------------------------------
+def cmd_devdb(args: argparse.Namespace) -> int:
+    from datalayer.devdb import DevDB
+
+    db = DevDB()
+    if args.action == "start":
+        print(db.start())
+    elif args.action == "stop":
+        print("stopped" if db.stop() else "was not running")
+    elif args.action == "status":
+        print(db.status())
+    else:
+        url = db.url()
+        if url is None:
+            _err("the development database is not running; run 'datalayer dev-db start'")
+            return 1
+        print(url)
+    return 0
+
+
+# -- seed & bench -----------------------------------------------------------------------------
+async def _seed(args: argparse.Namespace) -> int:
+    from datalayer.seed import seed
+
+    async with DataLayer(_settings()) as dl:
+        counts = await seed(dl, profile=args.profile, scale=args.scale, out=sys.stderr)
+    if args.json:
+        _json(counts)
+    else:
+        print("\n".join(f"{domain:16} {n:>10,} rows" for domain, n in counts.items()))
+    return 0
+
+
+def load_benchmarks() -> ModuleType:
+    """Import the ``benchmarks`` package from the source tree or the wheel's copy."""
+    if "benchmarks.harness" in sys.modules:
+        return sys.modules["benchmarks.harness"]
+    root = resource_dir("benchmarks")
+    spec = importlib.util.spec_from_file_location(
+        "benchmarks", root / "__init__.py", submodule_search_locations=[str(root)])
+    if spec is None or spec.loader is None:
+        raise DataLayerError(f"benchmark suite not found at {root}")
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["benchmarks"] = package
+    spec.loader.exec_module(package)
+    return importlib.import_module("benchmarks.harness")
+
+
+async def _bench(args: argparse.Namespace) -> int:
+    harness = load_benchmarks()
+    conc = tuple(int(c) for c in args.concurrency.split(","))
+    s = _settings(pool_min_size=max(conc), pool_max_size=max(conc), statement_timeout_ms=0)
+    rows = await harness.run(s, args.scenarios or None,
+                             json_path=Path(args.json) if args.json else None,
+                             duration_s=args.duration, concurrency=conc, out=sys.stdout)
+    return 0 if rows else 1
+
+
+# -- parser -------------------------------------------------------------------------------------
+def _async(fn: Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
+           ) -> Callable[[argparse.Namespace], int]:
+    return lambda args: _run(fn(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="datalayer", description="Async raw-SQL PostgreSQL data layer: operations.",
+        epilog=ENV_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str,
+            epilog: str = ENV_HELP) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_, epilog=epilog,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp.set_defaults(func=fn)
+        return sp
+
+    m = add("migrate", cmd_migrate, "apply, inspect or roll back schema migrations")
+    m.add_argument("action", choices=["apply", "status", "rollback"])
+    m.add_argument("--count", type=int, default=1, help="rollback: how many (default 1)")
+    m.add_argument("--all", action="store_true", help="rollback: every applied migration")
+    m.add_argument("--json", action="store_true", help="status: machine-readable output")
+    m.add_argument("--strict", action="store_true",
+                   help="status: exit non-zero when anything is pending or changed")
+
+    c = add("check", _async(_check),
+            "migrate, then prepare every registry query and print its parameter and "
+            "column types; non-zero exit on any failure")
+    c.add_argument("--json", action="store_true")
+
+    h = add("health", _async(_health),
+            "database reachable, migrations current, pool figures, Redis if configured")
+    h.add_argument("--json", action="store_true")
+
+    add("demo", _async(_demo), "run the demonstration scenario against the database")
+
+    d = add("dev-db", cmd_devdb, "embedded development PostgreSQL (DATALAYER_DEVDB_DIR)")
+    d.add_argument("action", choices=["start", "stop", "status", "url"])
+
+    sd = add("seed", _async(_seed), "load a realistic multi-tenant dataset through COPY")
+    sd.add_argument("--profile", choices=["dev", "bench"],
+                    default=os.environ.get("DATALAYER_SEED_PROFILE", "dev"),
+                    help="dataset shape (DATALAYER_SEED_PROFILE, default dev)")
+    sd.add_argument("--scale", type=int,
+                    default=int(os.environ.get("DATALAYER_SEED_SCALE", "1")),
+                    help="multiplier of row counts (DATALAYER_SEED_SCALE, default 1)")
+    sd.add_argument("--json", action="store_true")
+
+    b = add("bench", _async(_bench),
+            "run benchmark scenarios against raw asyncpg (all, or the named ones/prefixes)")
+    b.add_argument("scenarios", nargs="*", help="scenario names or prefixes (default: all)")
+    b.add_argument("--json", metavar="PATH", default=os.environ.get("DATALAYER_BENCH_JSON"),
+                   help="also write results as JSON (DATALAYER_BENCH_JSON)")
+    b.add_argument("--duration", type=float,
+                   default=float(os.environ.get("DATALAYER_BENCH_DURATION", "6")),
+                   help="seconds per scenario and concurrency (DATALAYER_BENCH_DURATION, 6)")
+    b.add_argument("--concurrency", default=os.environ.get("DATALAYER_BENCH_CONCURRENCY",
+                                                           "1,16"),
+                   help="comma-separated levels (DATALAYER_BENCH_CONCURRENCY, default 1,16)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except DataLayerError as exc:
+        _err(str(exc))
+        return 1
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Fixtures: a throwaway database per run (migrated once), a started DataLayer, tenants, Redis.
+
+The admin URL is ``DATALAYER_TEST_DATABASE_URL`` (default: postgres on 127.0.0.1:5432);
+Redis is ``DATALAYER_TEST_REDIS_URL``. Under ``CI=true`` a missing service fails the run;
+elsewhere the tests that need it are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import psycopg
+import pytest
+import redis.asyncio as aioredis
+
+from datalayer import Context, DataLayer, Settings
+from datalayer.core import migrations
+from datalayer.core.context import Role
+from datalayer.core.resources import resource_dir
+
+ADMIN_URL = os.environ.get("DATALAYER_TEST_DATABASE_URL",
+                           "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("DATALAYER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+RUN_ID = uuid.uuid4().hex[:10]
+
+
+def url_for(db: str, base: str = ADMIN_URL, user: str | None = None) -> str:
+    """``base`` pointed at database ``db`` (and login ``user``)."""
+    parts = urlsplit(base)
+    netloc = parts.netloc
+    if user is not None:
+        netloc = f"{user}@{parts.hostname}:{parts.port or 5432}"
+    return urlunsplit(parts._replace(path=f"/{db}", netloc=netloc))
+
+
+def _reachable(url: str) -> str | None:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5432), 2):
+            return None
+    except OSError as exc:
+        return f"{parts.hostname}:{parts.port}: {exc}"
+
+
+def _require(service: str, problem: str | None) -> None:
+    if problem is None:
+        return
+    if IN_CI:
+        pytest.exit(f"{service} is required under CI=true but unreachable ({problem})",
+                    returncode=3)
+    pytest.skip(f"{service} unreachable ({problem})")
+
+
+def create_database(name: str) -> str:
+    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return url_for(name)
+
+
+def drop_database(name: str) -> None:
+    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def make_settings(url: str, **overrides: object) -> Settings:
+    kwargs: dict[str, object] = {
+        "database_url": url,
+        "env": "testing",
+        "pool_min_size": 1,
+        "pool_max_size": 8,
+        "statement_timeout_ms": 10_000,
+        "connect_timeout_s": 5.0,
+    }
+    kwargs.update(overrides)
+    return Settings(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """A fresh database for this run, migrated; dropped at the end."""
+    _require("PostgreSQL", _reachable(ADMIN_URL))
+    name = f"dl_test_{RUN_ID}"
+    url = create_database(name)
+    try:
+        migrations.apply(make_settings(url), resource_dir("schema"))
+        yield url
+    finally:
+        drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str) -> Settings:
+    return make_settings(database_url)
+
+
+@pytest.fixture(scope="session")
+async def dl(settings: Settings) -> AsyncIterator[DataLayer]:
+    """The session-wide DataLayer (context mode ``session``)."""
+    async with DataLayer(settings) as layer:
+        yield layer
+
+
+@pytest.fixture(scope="session")
+async def dl_modes(settings: Settings) -> AsyncIterator[dict[str, DataLayer]]:
+    """One DataLayer per context mode, sharing the run's database."""
+    layers = {m: DataLayer(make_settings(settings.database_url, context_mode=m,
+                                         migrate_on_start=False))
+              for m in ("session", "transaction")}
+    for layer in layers.values():
+        await layer.start()
+    yield layers
+    for layer in layers.values():
+        await layer.close()
+
+
+@dataclass(frozen=True)
+class Tenant:
+    org_id: uuid.UUID
+    slug: str
+    owner: Context
+
+    def ctx(self, role: Role = "member", **kw: object) -> Context:
+        return Context(self.org_id, role=role, **kw)  # type: ignore[arg-type]
+
+
+TenantFactory = Callable[..., Awaitable[Tenant]]
+
+
+@pytest.fixture(scope="session")
+def make_tenant(dl: DataLayer) -> TenantFactory:
+    """Create an organization and return a :class:`Tenant` with its owner context."""
+
+    async def make(name: str = "Tenant", plan: str = "free") -> Tenant:
+        org_id = uuid.uuid4()
+        slug = f"t-{org_id.hex[:12]}"
+        owner = Context(org_id, user_id=uuid.uuid4(), role="owner")
+        async with dl.session(owner) as db:
+            await db.orgs.create(slug=slug, name=name, plan=plan)
+        return Tenant(org_id, slug, owner)
+
+    return make
+
+
+@pytest.fixture
+async def admin_conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A superuser connection to the run's database (bypasses RLS: for set-up and checks)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    parts = urlsplit(REDIS_URL)
+    problem = None
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379), 2):
+            pass
+    except OSError as exc:
+        problem = str(exc)
+    _require("Redis", problem)
+    return REDIS_URL
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """A Redis client; every key a test writes must start with ``redis_prefix``."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        keys = [k async for k in client.scan_iter(match=f"dltest:{RUN_ID}:*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    return f"dltest:{RUN_ID}:{uuid.uuid4().hex[:6]}:"
+

@@ -125,5 +125,5 @@ SCENARIOS: list[Scenario] = [
     Scenario("session.one.switch_tenant", _setup, _session_switch, _pool_switch, target=3.2,
              description=f"read-only session cycling {TENANTS} tenants vs acquire+fetchrow"),
     Scenario("session.ten", _setup, _session_ten, _pool_ten, target=1.25,
-             description="read-write session, 10 × orgs.get, vs 10 fetchrow in a transaction"),
+             description="read-write session, 10x orgs.get, vs 10 fetchrow in a transaction"),
 ]

@@ -243,8 +243,9 @@ async def measure(bctx: BenchContext, scenario: Scenario, state: Any, concurrenc
         "baseline_ops_per_s": round(len(base) / secs["baseline"], 1) if secs["baseline"] else 0.0,
         "target": scenario.target,
     }
-    if scenario.extra is not None:
-        more = await scenario.extra(bctx, state)
+    add_fields = scenario.extra
+    if add_fields is not None:
+        more = await add_fields(bctx, state)
         clash = sorted(set(more) & set(row))
         if clash:
             raise ValidationError(f"{scenario.name}: extra fields may not replace "
@@ -330,6 +331,7 @@ async def run(settings: Settings, names: list[str] | None, *, json_path: Path | 
                 rows.append(row)
                 print(format_row(row), file=out, flush=True)
     if json_path is not None:
-        json_path.write_bytes(orjson.dumps(rows, option=orjson.OPT_INDENT_2) + b"\n")
+        data = orjson.dumps(rows, option=orjson.OPT_INDENT_2) + b"\n"
+        await asyncio.to_thread(json_path.write_bytes, data)
         print(f"[bench] wrote {json_path}", file=err, flush=True)
     return rows

@@ -1,2 +1,3 @@
 DROP TABLE organizations;
+DROP FUNCTION app.organizations_guard();
 DROP FUNCTION app.touch_updated_at();

@@ -50,3 +50,20 @@ REVOKE ALL ON FUNCTION app.touch_updated_at() FROM PUBLIC;
 
 CREATE TRIGGER organizations_touch BEFORE UPDATE ON organizations
   FOR EACH ROW EXECUTE FUNCTION app.touch_updated_at();
+
+-- RLS cannot tell columns apart: admins may update the row, but only an owner may
+-- delete or restore the organization (a change of deleted_at).
+CREATE FUNCTION app.organizations_guard() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+  IF NEW.deleted_at IS DISTINCT FROM OLD.deleted_at
+     AND app.org_id() IS NOT NULL AND app.role() IS DISTINCT FROM 'owner' THEN
+    RAISE EXCEPTION 'only an owner may delete or restore an organization'
+      USING ERRCODE = 'insufficient_privilege';
+  END IF;
+  RETURN NEW;
+END $$;
+REVOKE ALL ON FUNCTION app.organizations_guard() FROM PUBLIC;
+
+CREATE TRIGGER organizations_guard BEFORE UPDATE OF deleted_at ON organizations
+  FOR EACH ROW EXECUTE FUNCTION app.organizations_guard();

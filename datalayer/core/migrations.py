@@ -133,9 +133,9 @@ def apply(settings: Settings, schema_dir: Path) -> list[str]:
     with _locked(settings) as conn:
         backend = get_backend(_yoyo_uri(settings.migration_url))
         try:
-            by_hash = {m.hash: m for m in migrations}
-            applied_ids = {by_hash[h].id if h in by_hash else h
-                           for h in backend.get_applied_migration_hashes()}
+            backend.get_applied_migration_hashes()  # creates yoyo's tables when missing
+            applied_ids = {r[0] for r in backend.execute(
+                "SELECT migration_id FROM _yoyo_migration").fetchall()}
             _check_drift(migrations, applied_ids, _ledger(conn))
             pending = backend.to_apply(migrations)
             done: list[str] = []

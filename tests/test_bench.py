@@ -1,0 +1,62 @@
+"""The benchmark harness, run briefly against the test database."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import orjson
+import pytest
+
+from benchmarks import harness
+from datalayer import Settings, ValidationError
+
+CONTRACT = ("scenario", "concurrency", "ops_per_s", "p50_ms", "p95_ms", "p99_ms",
+            "baseline_p50_ms", "ratio")
+
+
+async def test_harness_writes_contract_rows(settings: Settings, tmp_path: Path) -> None:
+    path = tmp_path / "bench.json"
+    out = io.StringIO()
+    err = io.StringIO()
+    rows = await harness.run(settings, ["registry.one", "session.one.switch_tenant"],
+                             json_path=path, duration_s=0.4, concurrency=(1, 2), out=out,
+                             progress=err)
+    data = orjson.loads(path.read_bytes())
+    assert data == rows
+    assert [(r["scenario"], r["concurrency"]) for r in data] == [
+        ("registry.one", 1), ("registry.one", 2),
+        ("session.one.switch_tenant", 1), ("session.one.switch_tenant", 2),
+    ]
+    for row in data:
+        assert tuple(row)[: len(CONTRACT)] == CONTRACT
+        for key in CONTRACT[2:]:
+            assert isinstance(row[key], float) and row[key] > 0, (key, row)
+        assert row["ratio"] == round(row["p50_ms"] / row["baseline_p50_ms"], 3)
+        assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+        assert row["baseline_ops_per_s"] > 0
+        assert row["target"] in (1.05, 3.2)
+    table = out.getvalue().splitlines()
+    assert table[0].split()[:3] == ["scenario", "c", "ops/s"]
+    assert len(table) == 5
+    assert "session.one.switch_tenant" in err.getvalue()
+
+
+def test_unknown_scenario_names_the_known_ones() -> None:
+    with pytest.raises(ValidationError, match=r"unknown scenario 'nope'.*registry\.one"):
+        harness.select(harness.discover(), ["nope"])
+
+
+async def test_run_rejects_unknown_before_connecting(settings: Settings) -> None:
+    with pytest.raises(ValidationError, match="unknown scenario"):
+        await harness.run(settings, ["session.nope"], json_path=None, duration_s=1,
+                          concurrency=(1,), out=io.StringIO())
+
+
+def test_prefix_selects_a_family() -> None:
+    chosen = [s.name for s in harness.select(harness.discover(), ["session"])]
+    assert chosen == ["session.one.same_tenant", "session.one.switch_tenant", "session.ten"]
+    assert [s.name for s in harness.select(harness.discover(), ["session.one"])] == [
+        "session.one.same_tenant", "session.one.switch_tenant"]
+    every = harness.select(harness.discover(), None)
+    assert {"registry.one", "repo.one", "session.ten"} <= {s.name for s in every}

@@ -36,13 +36,15 @@ configuration (environment):
   REDIS_URL                        optional Redis (redis://host:6379/0)
   DATALAYER_ENV                    development | testing | production
   DATALAYER_KEYS                   kid:base64key[,…] encryption keys (required in production)
-  DATALAYER_POOL_MIN / _POOL_MAX   pool size (2 / 10)
+  DATALAYER_POOL_MIN               pool size, minimum (2)
+  DATALAYER_POOL_MAX               pool size, maximum (10)
   DATALAYER_STATEMENT_TIMEOUT_MS   per-statement limit, 0 = none (30000)
   DATALAYER_ACQUIRE_TIMEOUT_S      wait for a pooled connection (10)
   DATALAYER_CONNECT_TIMEOUT_S      wait for the database to come up at start (15)
   DATALAYER_MIGRATE_ON_START       apply migrations at start (true)
   DATALAYER_MIGRATION_LOCK_TIMEOUT_S  wait for another process's migration (60)
   DATALAYER_CONTEXT_MODE           session | transaction (PgBouncer) (session)
+  DATALAYER_STATEMENT_CACHE_SIZE   asyncpg prepared-statement cache (512)
   DATALAYER_DEVDB_DIR              where `dev-db` keeps its cluster (./.datalayer/devdb)
 """
 

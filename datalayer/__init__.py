@@ -17,7 +17,8 @@ from datalayer.core.errors import (
     Unavailable,
     ValidationError,
 )
-from datalayer.core.session import RowQuery, Session
+from datalayer.core.rows import RowQuery
+from datalayer.core.session import Session
 from datalayer.settings import Settings
 
 __all__ = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -104,7 +105,7 @@ def test_applied_migration_missing_from_code_is_drift(fresh_db: str,
 
 async def test_pending_migrations_without_migrate_on_start_is_drift(fresh_db: str) -> None:
     layer = DataLayer(make_settings(fresh_db, migrate_on_start=False))
-    with pytest.raises(SchemaDrift, match=r"3 migration\(s\) not applied"):
+    with pytest.raises(SchemaDrift, match=r"\d+ migration\(s\) not applied"):
         await layer.start()
 
 
@@ -130,9 +131,9 @@ def test_concurrent_starters_all_come_up_and_one_applies(fresh_db: str) -> None:
 
 
 def test_killed_migrator_leaves_no_lock_behind(fresh_db: str, schema_copy: Path) -> None:
-    (schema_copy / "0004_slow.sql").write_text("-- depends: 0003_organizations\n"
-                                               "SELECT pg_sleep(60);\n")
-    (schema_copy / "0004_slow.rollback.sql").write_text("SELECT 1;\n")
+    last = max(p.stem for p in SCHEMA.glob("*.sql") if not p.name.endswith(".rollback.sql"))
+    (schema_copy / "9999_slow.sql").write_text(f"-- depends: {last}\nSELECT pg_sleep(60);\n")
+    (schema_copy / "9999_slow.rollback.sql").write_text("SELECT 1;\n")
     proc = _cli(fresh_db, schema=schema_copy)
     deadline = time.monotonic() + 30
     with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
@@ -151,7 +152,7 @@ def test_killed_migrator_leaves_no_lock_behind(fresh_db: str, schema_copy: Path)
     proc.communicate()
     started = time.monotonic()
     s = make_settings(fresh_db, migration_lock_timeout_s=20)
-    assert migrations.apply(s, SCHEMA) == []  # 0001-0003 were applied before the kill
+    assert migrations.apply(s, SCHEMA) == []  # all real ones were applied before the kill
     assert time.monotonic() - started < 10, "waited for a lock a dead process held"
     with psycopg.connect(fresh_db) as c:
         assert c.execute("SELECT count(*) FROM yoyo_lock").fetchone() == (0,)
@@ -176,3 +177,14 @@ async def test_non_superuser_login_role_is_granted_the_app_roles(fresh_db: str) 
         drop_database(fresh_db.rsplit("/", 1)[1])
         with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
             admin.execute(f"DROP ROLE {login}")
+
+
+def test_every_migration_has_a_rollback_and_declares_its_predecessor() -> None:
+    forward = sorted(p for p in SCHEMA.glob("*.sql") if not p.name.endswith(".rollback.sql"))
+    assert forward, "no migrations found"
+    for prev, path in zip([None, *forward], forward, strict=False):
+        assert path.with_name(path.stem + ".rollback.sql").exists(), f"{path.name}: no rollback"
+        assert re.fullmatch(r"\d{4}_[a-z0-9_]+", path.stem), f"{path.name}: bad name"
+        if prev is not None:
+            assert f"-- depends: {prev.stem}" in path.read_text(), (
+                f"{path.name} must declare '-- depends: {prev.stem}'")

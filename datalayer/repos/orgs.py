@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from datalayer.core.errors import NotFound, ValidationError
-from datalayer.core.session import RowQuery
+from datalayer.core.rows import RowQuery
 from datalayer.repos._base import Repository
 
 __all__ = ["Organization", "Organizations"]

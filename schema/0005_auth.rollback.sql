@@ -1,0 +1,13 @@
+DROP FUNCTION app.consume_token(text, bytea, text);
+DROP FUNCTION app.issue_invitation(text, text, bytea, interval);
+DROP FUNCTION app.issue_user_token(text, text, bytea, interval);
+DROP FUNCTION app.verify_api_key(bytea);
+DROP FUNCTION app.recovery_code_use(uuid, text);
+DROP FUNCTION app.totp_accept(uuid, bigint);
+DROP FUNCTION app.totp_state(uuid);
+DROP FUNCTION app.totp_store(bytea, text[]);
+DROP FUNCTION app.set_password(text);
+DROP FUNCTION app.record_login(uuid, boolean, text);
+DROP FUNCTION app.login_lookup(text);
+DROP TABLE auth_tokens;
+DROP TABLE api_keys;

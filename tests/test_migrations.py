@@ -74,7 +74,7 @@ def test_edited_applied_migration_stops_startup(fresh_db: str, schema_copy: Path
     migrations.apply(s, schema_copy)
     edited = schema_copy / "0003_organizations.sql"
     edited.write_text(edited.read_text() + "\n-- harmless looking edit\n")
-    with pytest.raises(SchemaDrift, match="0003_organizations.sql changed after it was applied"):
+    with pytest.raises(SchemaDrift, match=r"0003_organizations\.sql changed after it was applied"):
         migrations.apply(s, schema_copy)
     with pytest.raises(SchemaDrift, match="0003_organizations"):
         migrations.verify(s, schema_copy)
@@ -99,7 +99,7 @@ def test_applied_migration_missing_from_code_is_drift(fresh_db: str,
     migrations.apply(s, schema_copy)
     (schema_copy / "0003_organizations.sql").unlink()
     (schema_copy / "0003_organizations.rollback.sql").unlink()
-    with pytest.raises(SchemaDrift, match="0003_organizations is applied .* missing"):
+    with pytest.raises(SchemaDrift, match=r"0003_organizations is applied .* missing"):
         migrations.apply(s, schema_copy)
 
 

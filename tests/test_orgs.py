@@ -47,7 +47,7 @@ async def test_update_by_role(dl: DataLayer, make_tenant: TenantFactory) -> None
     t = await make_tenant("Roles")
     for role in ("viewer", "guest", "member"):
         with pytest.raises(NotFound):
-            async with dl.session(t.ctx(role)) as db:  # type: ignore[arg-type]
+            async with dl.session(t.ctx(role)) as db:
                 await db.orgs.update(t.org_id, name=f"by {role}")
     async with dl.session(t.ctx("admin")) as db:
         org = await db.orgs.update(t.org_id, name="By admin", plan="pro")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import logging
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -268,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="datalayer: %(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)

@@ -7,11 +7,13 @@ elsewhere the tests that need it are skipped with the reason.
 
 from __future__ import annotations
 
+import base64
 import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -23,6 +25,7 @@ from datalayer import Context, DataLayer, Settings
 from datalayer.core import migrations
 from datalayer.core.context import Role
 from datalayer.core.resources import resource_dir
+from datalayer.security import PasswordHasher, PasswordPolicy
 
 ADMIN_URL = os.environ.get("DATALAYER_TEST_DATABASE_URL",
                            "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -69,8 +72,20 @@ def drop_database(name: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+TEST_KEYS = "test1:" + base64.b64encode(b"k" * 32).decode()
+# Argon2id below the production policy so that tests registering many users stay fast;
+# tests of the policy itself use the default.
+FAST_PASSWORDS = PasswordPolicy(memory_kib=1024, iterations=1)
+
+
+def make_layer(settings: Settings, **kwargs: Any) -> DataLayer:
+    """A DataLayer with the fast password policy."""
+    return DataLayer(settings, passwords=PasswordHasher(FAST_PASSWORDS), **kwargs)
+
+
 def make_settings(url: str, **overrides: object) -> Settings:
     kwargs: dict[str, object] = {
+        "keys": TEST_KEYS,
         "database_url": url,
         "env": "testing",
         "pool_min_size": 1,
@@ -103,15 +118,15 @@ def settings(database_url: str) -> Settings:
 @pytest.fixture(scope="session")
 async def dl(settings: Settings) -> AsyncIterator[DataLayer]:
     """The session-wide DataLayer (context mode ``session``)."""
-    async with DataLayer(settings) as layer:
+    async with make_layer(settings) as layer:
         yield layer
 
 
 @pytest.fixture(scope="session")
 async def dl_modes(settings: Settings) -> AsyncIterator[dict[str, DataLayer]]:
     """One DataLayer per context mode, sharing the run's database."""
-    layers = {m: DataLayer(make_settings(settings.database_url, context_mode=m,
-                                         migrate_on_start=False))
+    layers = {m: make_layer(make_settings(settings.database_url, context_mode=m,
+                                          migrate_on_start=False))
               for m in ("session", "transaction")}
     for layer in layers.values():
         await layer.start()
@@ -122,30 +137,64 @@ async def dl_modes(settings: Settings) -> AsyncIterator[dict[str, DataLayer]]:
 
 @dataclass(frozen=True)
 class Tenant:
+    """An organization whose owner is a registered user with an owner membership."""
+
     org_id: uuid.UUID
     slug: str
     owner: Context
 
-    def ctx(self, role: Role = "member", **kw: object) -> Context:
-        return Context(self.org_id, role=role, **kw)  # type: ignore[arg-type]
+    @property
+    def owner_id(self) -> uuid.UUID:
+        assert self.owner.user_id is not None
+        return self.owner.user_id
+
+    def ctx(self, role: Role = "member", **kw: Any) -> Context:
+        return Context(self.org_id, role=role, **kw)
 
 
 TenantFactory = Callable[..., Awaitable[Tenant]]
+MemberFactory = Callable[..., Awaitable[Context]]
+
+
+def email_for(user_id: uuid.UUID) -> str:
+    return f"u-{user_id.hex[:12]}@example.test"
 
 
 @pytest.fixture(scope="session")
 def make_tenant(dl: DataLayer) -> TenantFactory:
-    """Create an organization and return a :class:`Tenant` with its owner context."""
+    """Create an organization, its owner's account and owner membership."""
 
     async def make(name: str = "Tenant", plan: str = "free") -> Tenant:
-        org_id = uuid.uuid4()
+        org_id, owner_id = uuid.uuid4(), uuid.uuid4()
         slug = f"t-{org_id.hex[:12]}"
-        owner = Context(org_id, user_id=uuid.uuid4(), role="owner")
+        owner = Context(org_id, user_id=owner_id, role="owner")
         async with dl.session(owner) as db:
             await db.orgs.create(slug=slug, name=name, plan=plan)
+            await db.users.create(email=email_for(owner_id), display_name=f"{name} owner")
+            await db.memberships.add(owner_id, "owner")
         return Tenant(org_id, slug, owner)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def add_member(dl: DataLayer) -> MemberFactory:
+    """Register a user, make it a member of ``tenant`` with ``role``; return its context."""
+
+    async def add(tenant: Tenant, role: Role = "member", *, password: str | None = None,
+                  email: str | None = None) -> Context:
+        user_id = uuid.uuid4()
+        ctx = Context(tenant.org_id, user_id=user_id, role=role)
+        async with dl.session(ctx) as db:
+            if password is None:
+                await db.users.create(email=email or email_for(user_id))
+            else:
+                await db.auth.register(email=email or email_for(user_id), password=password)
+        async with dl.session(tenant.owner) as db:
+            await db.memberships.add(user_id, role)
+        return ctx
+
+    return add
 
 
 @pytest.fixture

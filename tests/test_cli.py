@@ -10,12 +10,14 @@ from pathlib import Path
 import orjson
 import pytest
 
+from tests.conftest import TEST_KEYS
+
 COMMANDS = ["migrate", "check", "health", "demo", "dev-db", "seed", "bench"]
 
 
 def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("DATALAYER_", "REDIS"))}
-    full_env.update({"DATALAYER_ENV": "testing", **env})
+    full_env.update({"DATALAYER_ENV": "testing", "DATALAYER_KEYS": TEST_KEYS, **env})
     return subprocess.run([sys.executable, "-m", "datalayer.cli", *args], env=full_env,
                           capture_output=True, text=True, timeout=120, check=False)
 
@@ -90,3 +92,16 @@ def test_dev_db_status_of_an_empty_directory(tmp_path: Path) -> None:
     assert result.stdout.strip() == "not initialised"
     url = cli("dev-db", "url", DATALAYER_DEVDB_DIR=str(tmp_path / "devdb"))
     assert url.returncode == 1 and "not running" in url.stderr
+
+
+def test_missing_keys_outside_production_warn_once_on_stderr(database_url: str) -> None:
+    result = cli("health", DATABASE_URL=database_url, DATALAYER_KEYS="")
+    assert result.returncode == 0
+    assert "datalayer: WARNING: DATALAYER_KEYS is not set" in result.stderr
+
+
+def test_production_without_keys_refuses_to_start(database_url: str) -> None:
+    result = cli("health", DATABASE_URL=database_url, DATALAYER_ENV="production",
+                 DATALAYER_KEYS="")
+    assert result.returncode == 1
+    assert "DATALAYER_KEYS is required when DATALAYER_ENV=production" in result.stderr

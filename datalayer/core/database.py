@@ -37,6 +37,7 @@ from datalayer.core.session import (
     SessionScope,
     acquire_with_timeout,
 )
+from datalayer.security import Keyring, PasswordHasher
 from datalayer.settings import Settings
 
 __all__ = ["DataLayer"]
@@ -73,12 +74,16 @@ class DataLayer:
     """Pools, registry and sessions for one process. ``async with DataLayer(settings) as dl``."""
 
     def __init__(self, settings: Settings | None = None, *,
-                 extra_queries: Sequence[Path] = (), schema_dir: Path | None = None) -> None:
-        """Loads the registry now (parse errors surface here); connects in :meth:`start`.
-        ``extra_queries`` adds directories of query files (for tests and extensions)."""
+                 extra_queries: Sequence[Path] = (), schema_dir: Path | None = None,
+                 passwords: PasswordHasher | None = None) -> None:
+        """Loads the registry and the keyring now (errors surface here); connects in
+        :meth:`start`. ``extra_queries`` adds directories of query files (tests,
+        extensions); ``passwords`` replaces the Argon2id policy (tests use a cheap one)."""
         self.settings = settings or Settings.from_env()
         self.schema_dir = schema_dir or resource_dir("schema")
         self.registry = Registry.load(resource_dir("queries"), *extra_queries)
+        self.keyring = Keyring.from_settings(self.settings)
+        self.passwords = passwords or PasswordHasher()
         self._pool: asyncpg.Pool | None = None
 
     # -- lifecycle ----------------------------------------------------------------------

@@ -33,6 +33,7 @@ from datalayer.core.rows import RowQuery
 from datalayer.core.sqlfile import Query, Shape
 from datalayer.repos._base import Repository
 from datalayer.repos.api_keys import ApiKeys
+from datalayer.repos.auth import Auth
 from datalayer.repos.memberships import Memberships
 from datalayer.repos.orgs import Organizations
 from datalayer.repos.teams import Teams
@@ -97,7 +98,7 @@ class Session:
         self._readonly = readonly
         self._tx = in_transaction
         self._sp = 0
-        self._repos: dict[type[Repository], Repository] = {}
+        self._repos: dict[type[Repository], Repository] | None = None
 
     @property
     def dl(self) -> DataLayer:
@@ -202,7 +203,9 @@ class Session:
     # -- typed rows ---------------------------------------------------------------------
     async def fetch_one(self, query: RowQuery[T], /, **params: object) -> T | None:
         """Run a ``:one`` query and build its row dataclass (by column name)."""
-        q = self._query(query.name, Shape.ONE)
+        q = self._queries.get(query.name)
+        if q is None or q.shape is not Shape.ONE:
+            q = self._query(query.name, Shape.ONE)  # raises the precise error
         try:
             row = await self._conn.fetchrow(q.sql, *q.bind(params))
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
@@ -245,9 +248,12 @@ class Session:
 
     # -- repositories -------------------------------------------------------------------
     def _repo(self, cls: type[R]) -> R:
-        repo = self._repos.get(cls)
+        repos = self._repos
+        if repos is None:
+            repos = self._repos = {}
+        repo = repos.get(cls)
         if repo is None:
-            repo = self._repos[cls] = cls(self)
+            repo = repos[cls] = cls(self)
         return repo  # type: ignore[return-value]
 
     @property
@@ -269,6 +275,10 @@ class Session:
     @property
     def api_keys(self) -> ApiKeys:
         return self._repo(ApiKeys)
+
+    @property
+    def auth(self) -> Auth:
+        return self._repo(Auth)
 
 
 _SHAPE_CALL: dict[Shape, Any] = {

@@ -95,12 +95,13 @@ class _Parsed:
 
 
 class PasswordHasher:
-    """Hashes and verifies passwords under one :class:`PasswordPolicy`. Thread-safe, stateless."""
+    """Hashes and verifies passwords under one :class:`PasswordPolicy`. Thread-safe."""
 
-    __slots__ = ("policy",)
+    __slots__ = ("_dummy", "policy")
 
     def __init__(self, policy: PasswordPolicy = DEFAULT_POLICY) -> None:
         self.policy = policy
+        self._dummy: str | None = None
 
     def __repr__(self) -> str:
         return f"PasswordHasher({self.policy!r})"
@@ -152,6 +153,13 @@ class PasswordHasher:
     async def verify_async(self, phc: str, password: str) -> bool:
         """:meth:`verify` in a worker thread, so the event loop keeps running."""
         return await asyncio.to_thread(self.verify, phc, password)
+
+    async def waste_async(self, password: str) -> None:
+        """Spend what a verification costs, for an account that does not exist, so that an
+        unknown email answers no faster than a wrong password. The first call also hashes."""
+        if self._dummy is None:
+            self._dummy = await self.hash_async("dummy password for unknown accounts")
+        await self.verify_async(self._dummy, password)
 
 
 def _password_bytes(password: str) -> bytes | None:

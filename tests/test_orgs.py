@@ -58,7 +58,7 @@ async def test_update_by_role(dl: DataLayer, make_tenant: TenantFactory) -> None
 async def test_soft_delete_and_restore_owner_only(dl: DataLayer,
                                                   make_tenant: TenantFactory) -> None:
     t = await make_tenant()
-    with pytest.raises(PermissionDenied, match="the current context may not do this"):
+    with pytest.raises(PermissionDenied, match="only an owner may delete or restore"):
         async with dl.session(t.ctx("admin")) as db:
             await db.orgs.soft_delete(t.org_id)
     async with dl.session(t.owner) as db:

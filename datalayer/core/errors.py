@@ -177,8 +177,8 @@ def translate(exc: BaseException, query: str | None = None) -> DataLayerError | 
             cls, text = entry
         if state == "42501" and _RLS in str(exc):
             text = "row-level security refused the row for the current context"
-        if state == "P0001":
-            # A trigger's RAISE message is ours (schema/), written to be shown; keep it.
+        if getattr(exc, "server_source_function", None) == "exec_stmt_raise":
+            # Raised by RAISE in our own PL/pgSQL (schema/): written to be shown, no values.
             text = str(exc)
         where = []
         if table:

@@ -36,6 +36,9 @@ __all__ = [
     "SeedPlan",
     "seed",
     "seed_orgs",
+    "seed_users",
+    "user_email",
+    "user_id",
 ]
 
 PROFILES = ("dev", "bench")
@@ -44,6 +47,7 @@ BATCH_SIZE = 10_000
 # Rows per unit of scale, per domain and profile. Later domains add their line here.
 ROWS_PER_SCALE: dict[str, dict[str, int]] = {
     "orgs": {"dev": 3, "bench": 100},
+    "users": {"dev": 15, "bench": 5_000},  # spread over the organizations
 }
 _RUN_ID = re.compile(r"[a-z0-9]{1,16}")
 _NAMESPACE = uuid.UUID("5b1e6f0c-3c2d-4f6e-9a51-6a0d1c2b7e90")  # seed ids: uuid5(this, …)
@@ -175,9 +179,47 @@ async def seed_orgs(db: Session, plan: SeedPlan, progress: Progress) -> int:
     return loaded
 
 
+def user_id(plan: SeedPlan, i: int) -> uuid.UUID:
+    """Seeded user ``i``'s id (derived from the run id, like the organizations')."""
+    return uuid.uuid5(_NAMESPACE, f"{plan.run_id}/user/{i}")
+
+
+def user_email(plan: SeedPlan, i: int) -> str:
+    return f"user{i}-{plan.run_id}@{plan.profile}.example.test"
+
+
+async def seed_users(db: Session, plan: SeedPlan, progress: Progress) -> int:
+    """Users, each a member of one organization (round robin); the first user of an
+    organization is its owner, a few per hundred are admins or viewers. Accounts have no
+    password (they cannot log in): seeding is for reads and benchmarks."""
+    rng = plan.rng("users")
+    orgs = plan.org_ids
+    now = datetime.now(UTC)
+    total = plan.rows("users")
+    progress.start("users", total)
+    loaded = 0
+    for chunk in batches(total):
+        users, members = [], []
+        for i in chunk:
+            uid, created = user_id(plan, i), now - timedelta(seconds=rng.randrange(86_400 * 300))
+            users.append((uid, user_email(plan, i), f"User {i}", rng.choice(_TIERS), created))
+            role = "owner" if i < len(orgs) else rng.choice(_MEMBER_ROLES)
+            members.append((orgs[i % len(orgs)], uid, role, created))
+        await db.copy("users.copy_rows", users)
+        await db.copy("memberships.copy_rows", members)
+        loaded += len(users)
+        progress.advance(len(users))
+    progress.finish()
+    return loaded
+
+
+_TIERS = ("free", "free", "pro", "enterprise")
+_MEMBER_ROLES = ("member",) * 17 + ("admin", "viewer", "guest")
+
 # (domain, generator) in dependency order; later domains append theirs.
 GENERATORS: tuple[tuple[str, Generator], ...] = (
     ("orgs", seed_orgs),
+    ("users", seed_users),
 )
 
 

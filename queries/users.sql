@@ -19,12 +19,13 @@ FROM users
 WHERE id = :id AND deleted_at IS NULL;
 
 -- name: get_by_email :one
--- One live user by email, case-insensitive (uses users_email_live_key).
+-- One live user by email, case-insensitive (an index scan of users_email_live_key; the
+-- comparison is on email_normalized so that it stays an index qual under RLS).
 SELECT id, email, display_name, first_name, last_name, preferences, subscription_tier,
        status, email_verified_at, failed_logins, locked_until, last_login_at,
        totp_enabled_at, created_at, updated_at, deleted_at
 FROM users
-WHERE lower(email) = lower(:email) AND deleted_at IS NULL;
+WHERE email_normalized = lower(:email) AND deleted_at IS NULL;
 
 -- name: list_members :many
 -- Live users of the context's organization, keyset-paginated by (created_at, id).

@@ -17,6 +17,10 @@ CREATE TABLE users (
   email              text NOT NULL
                      CONSTRAINT users_email_format
                      CHECK (email ~ '^[^@[:space:]]+@[^@[:space:]]+$' AND length(email) <= 320),
+  -- Lookups compare this column, not lower(email): under RLS a qual calling a function that
+  -- is not LEAKPROOF (lower is not) runs after the policy and cannot use an index, while
+  -- `email_normalized = lower($1)` computes lower() on the parameter and is an index qual.
+  email_normalized   text GENERATED ALWAYS AS (lower(email)) STORED,
   display_name       text NOT NULL DEFAULT ''
                      CONSTRAINT users_display_name_length CHECK (length(display_name) <= 200),
   first_name         text CONSTRAINT users_first_name_length CHECK (length(first_name) <= 100),
@@ -42,7 +46,7 @@ CREATE TABLE users (
   deleted_at         timestamptz
 );
 -- Email unique among live users, case-insensitive; a deleted account frees its address.
-CREATE UNIQUE INDEX users_email_live_key ON users (lower(email)) WHERE deleted_at IS NULL;
+CREATE UNIQUE INDEX users_email_live_key ON users (email_normalized) WHERE deleted_at IS NULL;
 CREATE TRIGGER users_touch BEFORE UPDATE ON users
   FOR EACH ROW EXECUTE FUNCTION app.touch_updated_at();
 
@@ -101,9 +105,12 @@ ALTER TABLE team_members ENABLE ROW LEVEL SECURITY;
 ALTER TABLE team_members FORCE ROW LEVEL SECURITY;
 
 -- users: yourself, and the members of the context's organization.
+-- EXISTS probes one membership per candidate row (an IN list would hash every member of
+-- the organization on each statement).
 CREATE POLICY users_select ON users FOR SELECT
   USING (id = (SELECT app.user_id())
-         OR id IN (SELECT m.user_id FROM memberships m WHERE m.org_id = (SELECT app.org_id())));
+         OR EXISTS (SELECT 1 FROM memberships m
+                    WHERE m.org_id = (SELECT app.org_id()) AND m.user_id = users.id));
 -- An account is created by a context that carries its new id (registration), and
 -- changed or deleted only by itself.
 CREATE POLICY users_insert ON users FOR INSERT
@@ -165,7 +172,7 @@ CREATE TRIGGER memberships_keep_an_owner
   EXECUTE FUNCTION app.memberships_keep_an_owner();
 
 -- Privileges: secrets are not selectable by the run-time role -------------------------------
-GRANT SELECT (id, email, display_name, first_name, last_name, preferences, subscription_tier,
+GRANT SELECT (id, email, email_normalized, display_name, first_name, last_name, preferences, subscription_tier,
               status, email_verified_at, failed_logins, locked_until, last_login_at,
               totp_enabled_at, created_at, updated_at, deleted_at),
       INSERT (id, email, display_name, first_name, last_name, preferences, subscription_tier,

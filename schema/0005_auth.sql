@@ -93,7 +93,7 @@ AS $$
   SELECT u.id, u.password_hash, u.status, u.failed_logins, u.locked_until,
          u.totp_enabled_at IS NOT NULL
   FROM users u
-  WHERE lower(u.email) = lower(p_email) AND u.deleted_at IS NULL
+  WHERE u.email_normalized = lower(p_email) AND u.deleted_at IS NULL
 $$;
 
 -- Record a login attempt. Failures lock the account with exponential backoff (1 s after the
@@ -177,26 +177,31 @@ AS $$
 $$;
 
 -- API keys: one indexed lookup by hash that also records last use (at most once a minute,
--- so verification is not a write per request). Returns the key's org, user, role, scopes.
+-- so verification is not a write per request, and never inside a read-only transaction,
+-- where it would fail). Returns the key's org, user, role, scopes.
 CREATE FUNCTION app.verify_api_key(p_hash bytea)
 RETURNS TABLE (org_id uuid, key_id uuid, user_id uuid, role text, scopes text[])
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, public
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public
 AS $$
-  WITH k AS (
-    SELECT a.org_id, a.id, a.user_id, a.scopes, a.last_used_at
-    FROM api_keys a
-    WHERE a.key_hash = p_hash AND a.revoked_at IS NULL
-      AND (a.expires_at IS NULL OR a.expires_at > now())
-  ), touched AS (
-    UPDATE api_keys a SET last_used_at = now()
-    FROM k WHERE a.org_id = k.org_id AND a.id = k.id
-      AND (k.last_used_at IS NULL OR k.last_used_at < now() - interval '1 minute')
-  )
-  SELECT k.org_id, k.id, k.user_id, m.role, k.scopes
-  FROM k JOIN memberships m ON m.org_id = k.org_id AND m.user_id = k.user_id
-  JOIN organizations o ON o.id = k.org_id AND o.deleted_at IS NULL
-  JOIN users u ON u.id = k.user_id AND u.deleted_at IS NULL AND u.status = 'active'
-$$;
+DECLARE
+  k record;
+BEGIN
+  SELECT a.org_id, a.id, a.user_id, a.scopes, a.last_used_at, m.role INTO k
+  FROM api_keys a
+  JOIN memberships m ON m.org_id = a.org_id AND m.user_id = a.user_id
+  JOIN organizations o ON o.id = a.org_id AND o.deleted_at IS NULL
+  JOIN users u ON u.id = a.user_id AND u.deleted_at IS NULL AND u.status = 'active'
+  WHERE a.key_hash = p_hash AND a.revoked_at IS NULL
+    AND (a.expires_at IS NULL OR a.expires_at > now());
+  IF NOT FOUND THEN
+    RETURN;
+  END IF;
+  IF (k.last_used_at IS NULL OR k.last_used_at < now() - interval '1 minute')
+     AND NOT current_setting('transaction_read_only')::boolean THEN
+    UPDATE api_keys a SET last_used_at = now() WHERE a.org_id = k.org_id AND a.id = k.id;
+  END IF;
+  RETURN QUERY SELECT k.org_id, k.id, k.user_id, k.role, k.scopes;
+END $$;
 
 -- Tokens: issue (invalidating the previous live one of the same kind) and consume once.
 -- Email verification / password reset: for a live user by email (returns NULL when there is
@@ -212,7 +217,7 @@ BEGIN
     RAISE EXCEPTION 'unknown token kind for a user token' USING ERRCODE = 'invalid_parameter_value';
   END IF;
   SELECT id INTO v_user FROM users
-  WHERE lower(email) = lower(p_email) AND deleted_at IS NULL AND status = 'active';
+  WHERE email_normalized = lower(p_email) AND deleted_at IS NULL AND status = 'active';
   IF v_user IS NULL THEN
     RETURN NULL;
   END IF;
@@ -277,7 +282,7 @@ BEGIN
     v_user := t.user_id;
   ELSE
     SELECT u.id INTO v_user FROM users u
-    WHERE u.id = app.user_id() AND lower(u.email) = lower(t.email) AND u.deleted_at IS NULL;
+    WHERE u.id = app.user_id() AND u.email_normalized = lower(t.email) AND u.deleted_at IS NULL;
     IF v_user IS NULL THEN
       RAISE EXCEPTION 'this invitation is for another email address'
         USING ERRCODE = 'insufficient_privilege';

@@ -106,3 +106,15 @@ async def test_key_hash_is_not_readable_by_the_runtime_role(
 
 def test_hash_key_is_sha256_of_the_whole_key() -> None:
     assert hash_key("dl_test_abc") == hashlib.sha256(b"dl_test_abc").digest()
+
+
+async def test_verify_in_a_readonly_session_reads_without_writing(
+    dl: DataLayer, make_tenant: TenantFactory, admin_conn: asyncpg.Connection,
+) -> None:
+    t = await make_tenant()
+    async with dl.session(t.owner) as db:
+        issued = await db.api_keys.create("ro")
+    async with dl.session(Context(None), readonly=True) as db:
+        assert await db.api_keys.verify(issued.secret) is not None
+    assert await admin_conn.fetchval("SELECT last_used_at FROM api_keys WHERE id = $1",
+                                     issued.key.id) is None

@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from datalayer import Context, DataLayer, ValidationError
-from datalayer.seed import SeedPlan, seed
+from datalayer.seed import SeedPlan, seed, user_id
 
 
 async def test_dev_scale_one_seeds_visible_organizations(dl: DataLayer) -> None:
@@ -20,7 +20,7 @@ async def test_dev_scale_one_seeds_visible_organizations(dl: DataLayer) -> None:
     counts = await seed(dl, profile="dev", scale=1, out=out, run_id=run_id)
 
     plan = SeedPlan("dev", 1, run_id)
-    assert counts == {"orgs": 3}
+    assert counts == {"orgs": 3, "users": 15}
     assert len(plan.org_ids) == 3
     assert f"run {run_id}" in out.getvalue()
     async with dl.system() as db:
@@ -42,7 +42,7 @@ async def test_dev_scale_one_seeds_visible_organizations(dl: DataLayer) -> None:
 async def test_seeding_twice_does_not_collide(dl: DataLayer) -> None:
     first = await seed(dl, profile="dev", scale=1, out=io.StringIO())
     second = await seed(dl, profile="dev", scale=1, out=io.StringIO())
-    assert first == second == {"orgs": 3}
+    assert first == second == {"orgs": 3, "users": 15}
 
 
 @pytest.mark.parametrize(
@@ -71,3 +71,16 @@ def test_plan_counts_and_bad_run_id() -> None:
         SeedPlan("dev", 1, "Not-OK")
     with pytest.raises(ValidationError, match="domain"):
         SeedPlan("dev", 1, "abc").rows("nope")
+
+
+async def test_seeded_users_are_members_of_their_org_only(dl: DataLayer) -> None:
+    await seed(dl, profile="dev", scale=1, out=io.StringIO(), run_id="usr1")
+    plan = SeedPlan("dev", 1, "usr1")
+    first, second = plan.org_ids[0], plan.org_ids[1]
+    async with dl.session(Context(first), readonly=True) as db:
+        members = await db.users.list_members()
+        assert all(u.id != user_id(plan, 1) for u in members.items)  # user 1 is in org 1
+        assert any(u.id == user_id(plan, 0) for u in members.items)
+    async with dl.session(Context(second), readonly=True) as db:
+        owner = await db.memberships.get(user_id(plan, 1))
+    assert owner is not None and owner.role == "owner"

@@ -36,6 +36,7 @@ from datalayer.repos.api_keys import ApiKeys
 from datalayer.repos.auth import Auth
 from datalayer.repos.memberships import Memberships
 from datalayer.repos.orgs import Organizations
+from datalayer.repos.permissions import Permissions
 from datalayer.repos.teams import Teams
 from datalayer.repos.users import Users
 
@@ -279,6 +280,10 @@ class Session:
     @property
     def auth(self) -> Auth:
         return self._repo(Auth)
+
+    @property
+    def permissions(self) -> Permissions:
+        return self._repo(Permissions)
 
 
 _SHAPE_CALL: dict[Shape, Any] = {

@@ -1,0 +1,1 @@
+DROP FUNCTION app.role_allows(text, text, text);

@@ -84,6 +84,9 @@ def test_demo_shows_each_tenant_sees_only_itself(database_url: str) -> None:
     assert "Acme's session reads Globex by id: None" in result.stdout
     assert "a session with no organization counts 0 organizations" in result.stdout
     assert "PermissionDenied" in result.stdout
+    assert "login attempt 5 with a wrong password: locked" in result.stdout
+    assert "a forged key verifies as None" in result.stdout
+    assert "Initech reads Hooli's team: None; Hooli's owner: None" in result.stdout
 
 
 def test_dev_db_status_of_an_empty_directory(tmp_path: Path) -> None:

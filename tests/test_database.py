@@ -423,3 +423,16 @@ async def test_session_used_after_its_block_says_so(
         pass
     with pytest.raises(DataLayerError, match="session is closed"):
         await db.orgs.get(t.org_id)
+
+
+async def test_provenance_comment_reaches_the_server_and_statements_are_prepared_once(
+    single: DataLayer, make_tenant: TenantFactory,
+) -> None:
+    t = await make_tenant()
+    async with single.session(t.owner, readonly=True) as db:
+        for _ in range(5):
+            await db.orgs.get(t.org_id)
+        rows = await db.connection.fetch(
+            "SELECT statement FROM pg_prepared_statements WHERE statement LIKE $1",
+            "/* datalayer:orgs.get */%")
+    assert len(rows) == 1, "asyncpg should prepare the statement once and reuse it"

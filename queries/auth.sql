@@ -6,8 +6,9 @@ SELECT user_id, password_hash, status, failed_logins, locked_until, totp_enabled
 FROM app.login_lookup(:email);
 
 -- name: record_login :scalar
--- Returns locked_until after a failure (NULL when not locked).
-SELECT app.record_login(:user_id, :success, :new_hash);
+-- Returns locked_until after a failure (NULL when not locked). On success, new_hash replaces
+-- the stored hash only while it still equals old_hash.
+SELECT app.record_login(:user_id, :success, :old_hash, :new_hash);
 
 -- name: set_password :scalar
 SELECT app.set_password(:password_hash);

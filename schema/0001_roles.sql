@@ -27,3 +27,9 @@ ALTER DEFAULT PRIVILEGES IN SCHEMA public
   GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON TABLES TO datalayer_maint;
 ALTER DEFAULT PRIVILEGES IN SCHEMA public
   GRANT USAGE, SELECT, UPDATE ON SEQUENCES TO datalayer_maint;
+
+-- Sessions never need temporary tables; without them a caller cannot shadow a table that a
+-- function resolves through its search_path.
+DO $$ BEGIN
+  EXECUTE format('REVOKE TEMPORARY ON DATABASE %I FROM PUBLIC', current_database());
+END $$;

@@ -41,7 +41,7 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON organizations TO datalayer_app;
 
 -- Shared by every table with an updated_at column.
 CREATE FUNCTION app.touch_updated_at() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, public, pg_temp AS $$
 BEGIN
   NEW.updated_at := now();
   RETURN NEW;
@@ -54,7 +54,7 @@ CREATE TRIGGER organizations_touch BEFORE UPDATE ON organizations
 -- RLS cannot tell columns apart: admins may update the row, but only an owner may
 -- delete or restore the organization (a change of deleted_at).
 CREATE FUNCTION app.organizations_guard() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, public, pg_temp AS $$
 BEGIN
   IF NEW.deleted_at IS DISTINCT FROM OLD.deleted_at
      AND app.org_id() IS NOT NULL AND app.role() IS DISTINCT FROM 'owner' THEN

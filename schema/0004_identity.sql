@@ -125,8 +125,13 @@ CREATE POLICY users_delete ON users FOR DELETE
 -- organization). Only admins change them; only owners grant or hold ownership changes.
 CREATE POLICY memberships_select ON memberships FOR SELECT
   USING (org_id = (SELECT app.org_id()) OR user_id = (SELECT app.user_id()));
+-- Nobody is added to an organization without consent: a context inserts only its own
+-- membership (the founder of a new organization); everyone else joins by accepting an
+-- invitation (app.consume_token). This also keeps the global users table from being an
+-- oracle or a directory for other organizations' admins.
 CREATE POLICY memberships_insert ON memberships FOR INSERT
-  WITH CHECK (org_id = (SELECT app.org_id()) AND (SELECT app.is_admin())
+  WITH CHECK (org_id = (SELECT app.org_id()) AND user_id = (SELECT app.user_id())
+              AND (SELECT app.is_admin())
               AND (role <> 'owner' OR (SELECT app.is_owner())));
 CREATE POLICY memberships_update ON memberships FOR UPDATE
   USING (org_id = (SELECT app.org_id()) AND (SELECT app.is_admin())
@@ -153,7 +158,7 @@ CREATE POLICY team_members_write ON team_members FOR ALL
 
 -- An organization always keeps an owner (unless it is being deleted as a whole).
 CREATE FUNCTION app.memberships_keep_an_owner() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, public, pg_temp AS $$
 BEGIN
   IF OLD.role = 'owner'
      AND EXISTS (SELECT 1 FROM organizations o WHERE o.id = OLD.org_id)

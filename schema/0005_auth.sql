@@ -4,7 +4,22 @@
 -- Secrets are stored only as hashes (API keys, tokens: sha256; passwords: Argon2id). The
 -- lookups that must work before a context exists (login by email, API-key verification,
 -- token consumption) are SECURITY DEFINER functions owned by the maintenance role, with a
--- pinned search_path, not executable by PUBLIC, each returning only what its caller needs.
+-- pinned search_path ending in pg_temp (else a caller's temp table named like ours would be
+-- searched first), not executable by PUBLIC, each returning only what its caller needs.
+-- The login-path functions refuse to run inside a tenant context: they belong to the step
+-- before a context exists, so a tenant-scoped session (or a bug in one) cannot reach them.
+
+CREATE FUNCTION app.require_no_tenant() RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  IF app.org_id() IS NOT NULL THEN
+    RAISE EXCEPTION 'the login path runs without an organization context; open the session with Context(None)'
+      USING ERRCODE = 'insufficient_privilege';
+  END IF;
+END $$;
+REVOKE ALL ON FUNCTION app.require_no_tenant() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION app.require_no_tenant() TO datalayer_app, datalayer_maint;
 
 CREATE TABLE api_keys (
   org_id        uuid NOT NULL,
@@ -88,28 +103,37 @@ CREATE POLICY auth_tokens_none ON auth_tokens USING (false);
 CREATE FUNCTION app.login_lookup(p_email text)
 RETURNS TABLE (user_id uuid, password_hash text, status text, failed_logins integer,
                locked_until timestamptz, totp_enabled boolean)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, public
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
 AS $$
+BEGIN
+  PERFORM app.require_no_tenant();
+  RETURN QUERY
   SELECT u.id, u.password_hash, u.status, u.failed_logins, u.locked_until,
          u.totp_enabled_at IS NOT NULL
   FROM users u
-  WHERE u.email_normalized = lower(p_email) AND u.deleted_at IS NULL
-$$;
+  WHERE u.email_normalized = lower(p_email) AND u.deleted_at IS NULL;
+END $$;
 
 -- Record a login attempt. Failures lock the account with exponential backoff (1 s after the
 -- 5th failure, doubling, capped at 15 minutes); attempts while locked are refused by the
 -- caller and not counted, so an attacker cannot extend a lock, and a lock always expires.
--- Success resets the counter. Returns the new locked_until.
-CREATE FUNCTION app.record_login(p_user_id uuid, p_success boolean, p_new_hash text DEFAULT NULL)
+-- Success resets the counter and, when p_new_hash is given, replaces the hash only if it is
+-- still p_old_hash (a password changed meanwhile is not overwritten by a stale upgrade).
+-- Returns the new locked_until.
+CREATE FUNCTION app.record_login(p_user_id uuid, p_success boolean, p_old_hash text,
+                                 p_new_hash text)
 RETURNS timestamptz
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
 AS $$
 DECLARE
   v_locked timestamptz;
 BEGIN
+  PERFORM app.require_no_tenant();
   IF p_success THEN
     UPDATE users SET failed_logins = 0, locked_until = NULL, last_login_at = now(),
-                     password_hash = coalesce(p_new_hash, password_hash)
+                     password_hash = CASE WHEN p_new_hash IS NOT NULL
+                                           AND password_hash = p_old_hash
+                                          THEN p_new_hash ELSE password_hash END
     WHERE id = p_user_id AND deleted_at IS NULL;
     RETURN NULL;
   END IF;
@@ -128,7 +152,7 @@ END $$;
 -- Set or replace the context user's password hash (self only).
 CREATE FUNCTION app.set_password(p_hash text)
 RETURNS boolean
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, public
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
 AS $$
   UPDATE users SET password_hash = p_hash, failed_logins = 0, locked_until = NULL
   WHERE id = app.user_id() AND deleted_at IS NULL AND NOT app.read_only()
@@ -139,7 +163,7 @@ $$;
 -- once a first code is verified), read them back for verification, and record the step.
 CREATE FUNCTION app.totp_store(p_secret bytea, p_recovery text[])
 RETURNS boolean
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, public
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
 AS $$
   UPDATE users SET totp_secret = p_secret, recovery_codes = p_recovery,
                    totp_enabled_at = NULL, totp_last_step = NULL
@@ -149,39 +173,50 @@ $$;
 
 CREATE FUNCTION app.totp_state(p_user_id uuid)
 RETURNS TABLE (secret bytea, last_step bigint, enabled boolean, recovery_codes text[])
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, public
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
 AS $$
+BEGIN
+  PERFORM app.require_no_tenant();
+  RETURN QUERY
   SELECT u.totp_secret, u.totp_last_step, u.totp_enabled_at IS NOT NULL, u.recovery_codes
-  FROM users u WHERE u.id = p_user_id AND u.deleted_at IS NULL
-$$;
+  FROM users u WHERE u.id = p_user_id AND u.deleted_at IS NULL;
+END $$;
 
 -- Accept a verified step only if it is newer than the last one (replay protection under
--- concurrency: the row lock serializes two requests with the same code).
+-- concurrency: the row lock serializes two requests with the same code) and within two
+-- steps of now (a caller cannot burn future steps).
 CREATE FUNCTION app.totp_accept(p_user_id uuid, p_step bigint)
 RETURNS boolean
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, public
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
 AS $$
+BEGIN
+  PERFORM app.require_no_tenant();
+  IF abs(p_step - floor(extract(epoch FROM clock_timestamp()) / 30)) > 2 THEN
+    RETURN false;
+  END IF;
   UPDATE users SET totp_last_step = p_step, totp_enabled_at = coalesce(totp_enabled_at, now())
-  WHERE id = p_user_id AND (totp_last_step IS NULL OR totp_last_step < p_step)
-  RETURNING true
-$$;
+  WHERE id = p_user_id AND (totp_last_step IS NULL OR totp_last_step < p_step);
+  RETURN FOUND;
+END $$;
 
 -- Use a recovery code (by hash) once.
 CREATE FUNCTION app.recovery_code_use(p_user_id uuid, p_code_hash text)
 RETURNS boolean
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, public
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
 AS $$
+BEGIN
+  PERFORM app.require_no_tenant();
   UPDATE users SET recovery_codes = array_remove(recovery_codes, p_code_hash)
-  WHERE id = p_user_id AND p_code_hash = ANY (recovery_codes)
-  RETURNING true
-$$;
+  WHERE id = p_user_id AND p_code_hash = ANY (recovery_codes);
+  RETURN FOUND;
+END $$;
 
 -- API keys: one indexed lookup by hash that also records last use (at most once a minute,
 -- so verification is not a write per request, and never inside a read-only transaction,
 -- where it would fail). Returns the key's org, user, role, scopes.
 CREATE FUNCTION app.verify_api_key(p_hash bytea)
 RETURNS TABLE (org_id uuid, key_id uuid, user_id uuid, role text, scopes text[])
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
 AS $$
 DECLARE
   k record;
@@ -208,11 +243,12 @@ END $$;
 -- no such user, so callers answer the same either way).
 CREATE FUNCTION app.issue_user_token(p_kind text, p_email text, p_hash bytea, p_ttl interval)
 RETURNS uuid
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
 AS $$
 DECLARE
   v_user uuid;
 BEGIN
+  PERFORM app.require_no_tenant();
   IF p_kind NOT IN ('email_verification', 'password_reset') THEN
     RAISE EXCEPTION 'unknown token kind for a user token' USING ERRCODE = 'invalid_parameter_value';
   END IF;
@@ -231,7 +267,7 @@ END $$;
 -- Invitation: issued by an admin of the context organization.
 CREATE FUNCTION app.issue_invitation(p_email text, p_role text, p_hash bytea, p_ttl interval)
 RETURNS uuid
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
 AS $$
 DECLARE
   v_id uuid;
@@ -256,12 +292,13 @@ END $$;
 -- superseded or expired.
 CREATE FUNCTION app.consume_token(p_kind text, p_hash bytea, p_new_hash text DEFAULT NULL)
 RETURNS TABLE (user_id uuid, org_id uuid, role text)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
 AS $$
 DECLARE
   t auth_tokens%ROWTYPE;
   v_user uuid;
 BEGIN
+  PERFORM app.require_no_tenant();
   UPDATE auth_tokens a SET consumed_at = now()
   WHERE a.token_hash = p_hash AND a.kind = p_kind AND a.consumed_at IS NULL
     AND a.invalidated_at IS NULL AND a.expires_at > now()
@@ -299,7 +336,7 @@ DECLARE
   f text;
 BEGIN
   FOREACH f IN ARRAY ARRAY[
-    'app.login_lookup(text)', 'app.record_login(uuid, boolean, text)', 'app.set_password(text)',
+    'app.login_lookup(text)', 'app.record_login(uuid, boolean, text, text)', 'app.set_password(text)',
     'app.totp_store(bytea, text[])', 'app.totp_state(uuid)', 'app.totp_accept(uuid, bigint)',
     'app.recovery_code_use(uuid, text)', 'app.verify_api_key(bytea)',
     'app.issue_user_token(text, text, bytea, interval)',

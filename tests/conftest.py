@@ -179,20 +179,27 @@ def make_tenant(dl: DataLayer) -> TenantFactory:
 
 @pytest.fixture(scope="session")
 def add_member(dl: DataLayer) -> MemberFactory:
-    """Register a user, make it a member of ``tenant`` with ``role``; return its context."""
+    """Register a user and bring it into ``tenant`` with ``role`` the way a service does:
+    the owner invites, the user accepts. Returns the member's context."""
 
     async def add(tenant: Tenant, role: Role = "member", *, password: str | None = None,
                   email: str | None = None) -> Context:
         user_id = uuid.uuid4()
-        ctx = Context(tenant.org_id, user_id=user_id, role=role)
-        async with dl.session(ctx) as db:
+        email = email or email_for(user_id)
+        alone = Context(None, user_id=user_id)
+        async with dl.session(alone) as db:
             if password is None:
-                await db.users.create(email=email or email_for(user_id))
+                await db.users.create(email=email)
             else:
-                await db.auth.register(email=email or email_for(user_id), password=password)
+                await db.auth.register(email=email, password=password)
         async with dl.session(tenant.owner) as db:
-            await db.memberships.add(user_id, role)
-        return ctx
+            token = await db.auth.invite(email, "admin" if role == "owner" else role)
+        async with dl.session(alone) as db:
+            assert await db.auth.consume_token("invitation", token) is not None
+        if role == "owner":
+            async with dl.session(tenant.owner) as db:
+                await db.memberships.set_role(user_id, "owner")
+        return Context(tenant.org_id, user_id=user_id, role=role)
 
     return add
 

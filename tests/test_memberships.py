@@ -7,7 +7,7 @@ import uuid
 import pytest
 
 from datalayer import Context, DataLayer, NotFound, PermissionDenied, ValidationError
-from tests.conftest import MemberFactory, TenantFactory
+from tests.conftest import MemberFactory, TenantFactory, email_for
 
 
 async def test_owner_membership_exists_and_for_user_spans_orgs(
@@ -15,15 +15,18 @@ async def test_owner_membership_exists_and_for_user_spans_orgs(
 ) -> None:
     a, b = await make_tenant(), await make_tenant()
     m = await add_member(a, "admin")
+    assert m.user_id is not None
     async with dl.session(b.owner) as db:
-        await db.memberships.add(m.user_id, "viewer")  # type: ignore[arg-type]
+        token = await db.auth.invite(email_for(m.user_id), "viewer")
+    async with dl.session(Context(None, user_id=m.user_id)) as db:
+        assert await db.auth.consume_token("invitation", token) is not None
     async with dl.session(Context(None, user_id=m.user_id), readonly=True) as db:
         mine = await db.memberships.for_user()
     assert {(x.org_id, x.role) for x in mine} == {(a.org_id, "admin"), (b.org_id, "viewer")}
 
 
-@pytest.mark.parametrize("role", ["member", "viewer", "guest"])
-async def test_non_admins_cannot_add_members(
+@pytest.mark.parametrize("role", ["owner", "admin", "member", "viewer", "guest"])
+async def test_nobody_adds_another_user_without_an_invitation(
     dl: DataLayer, make_tenant: TenantFactory, add_member: MemberFactory, role: str,
 ) -> None:
     t = await make_tenant()

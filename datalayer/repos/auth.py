@@ -87,7 +87,11 @@ def _sha256(text: str) -> bytes:
 
 
 class Auth(Repository):
-    """``db.auth``. ``login``, ``issue_token`` and ``consume_token`` work without a context."""
+    """``db.auth``. The login path (``login``, ``lockout_status``, ``issue_token``,
+    ``consume_token``, ``verify_2fa``, ``use_recovery_code``) runs in a session with
+    ``Context(None)`` (a user id is allowed, an organization is not: the database refuses);
+    ``register``, ``set_password``, ``enable_2fa`` act on the context's own user, and
+    ``invite`` needs an admin of the context organization."""
 
     __slots__ = ()
 
@@ -137,12 +141,12 @@ class Auth(Repository):
         if hasher.needs_rehash(row.password_hash):
             new_hash = await hasher.hash_async(password)
         await self._db.scalar("auth.record_login", user_id=row.user_id, success=True,
-                              new_hash=new_hash)
+                              old_hash=row.password_hash, new_hash=new_hash)
         return LoginResult("ok", user_id=row.user_id)
 
     async def _failed(self, user_id: uuid.UUID, outcome: LoginOutcome) -> LoginResult:
         locked = await self._db.scalar("auth.record_login", user_id=user_id, success=False,
-                                       new_hash=None)
+                                       old_hash=None, new_hash=None)
         if locked is not None and locked > datetime.now(UTC):
             return LoginResult("locked", locked_until=locked)
         return LoginResult(outcome)

@@ -42,12 +42,16 @@ def _role(role: str) -> str:
 
 
 class Memberships(Repository):
-    """``db.memberships``. Admins add, change and remove members; only owners touch owners;
-    an organization always keeps one owner."""
+    """``db.memberships``. A context adds only its own membership (the founder of a new
+    organization); others join by invitation (``db.auth.invite`` / ``consume_token``).
+    Admins change and remove members; only owners touch owners; an organization always
+    keeps one owner."""
 
     __slots__ = ()
 
     async def add(self, user_id: uuid.UUID, role: str = "member") -> Membership:
+        """The context user's own membership (``user_id`` must be the context's): how the
+        founder of an organization becomes its owner. ``PermissionDenied`` otherwise."""
         m = await self._db.fetch_one(ADD, user_id=user_id, role=_role(role))
         assert m is not None
         return m

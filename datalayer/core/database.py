@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 import orjson
+import redis.asyncio as aioredis
 
 from datalayer.core import migrations
 from datalayer.core.context import Context
@@ -85,6 +86,7 @@ class DataLayer:
         self.keyring = Keyring.from_settings(self.settings)
         self.passwords = passwords or PasswordHasher()
         self._pool: asyncpg.Pool | None = None
+        self._redis: aioredis.Redis | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> DataLayer:
@@ -114,6 +116,11 @@ class DataLayer:
             )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise (translate(exc) or Unavailable("cannot connect to the database")) from exc
+        if s.redis_url:
+            # Connects lazily on first command; an unreachable Redis fails that command
+            # (callers decide whether to degrade), not start-up.
+            self._redis = aioredis.Redis.from_url(s.redis_url, socket_connect_timeout=2,
+                                                  socket_timeout=5)
         log.info("datalayer started", extra={"queries": len(self.registry),
                                               "context_mode": s.context_mode})
         return self
@@ -142,6 +149,9 @@ class DataLayer:
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
+        redis, self._redis = self._redis, None
+        if redis is not None:
+            await redis.aclose()
         if pool is not None:
             await pool.close()
 
@@ -150,6 +160,11 @@ class DataLayer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    @property
+    def redis(self) -> aioredis.Redis | None:
+        """The Redis client when ``REDIS_URL`` is set (``redis.asyncio``), else None."""
+        return self._redis
 
     @property
     def pool(self) -> asyncpg.Pool:

@@ -34,11 +34,13 @@ from datalayer.core.sqlfile import Query, Shape
 from datalayer.repos._base import Repository
 from datalayer.repos.api_keys import ApiKeys
 from datalayer.repos.auth import Auth
+from datalayer.repos.executions import Executions
 from datalayer.repos.memberships import Memberships
 from datalayer.repos.orgs import Organizations
 from datalayer.repos.permissions import Permissions
 from datalayer.repos.teams import Teams
 from datalayer.repos.users import Users
+from datalayer.repos.workflows import Workflows
 
 if TYPE_CHECKING:
     from datalayer.core.database import DataLayer
@@ -284,6 +286,14 @@ class Session:
     @property
     def permissions(self) -> Permissions:
         return self._repo(Permissions)
+
+    @property
+    def workflows(self) -> Workflows:
+        return self._repo(Workflows)
+
+    @property
+    def executions(self) -> Executions:
+        return self._repo(Executions)
 
 
 _SHAPE_CALL: dict[Shape, Any] = {

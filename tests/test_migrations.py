@@ -179,12 +179,18 @@ async def test_non_superuser_login_role_is_granted_the_app_roles(fresh_db: str) 
             admin.execute(f"DROP ROLE {login}")
 
 
-def test_every_migration_has_a_rollback_and_declares_its_predecessor() -> None:
+def test_every_migration_has_a_rollback_and_declares_what_it_builds_on() -> None:
+    """Files apply in name order; each names (``-- depends:``) earlier migrations it needs,
+    so yoyo never reorders them and independent work can land in any number order."""
     forward = sorted(p for p in SCHEMA.glob("*.sql") if not p.name.endswith(".rollback.sql"))
     assert forward, "no migrations found"
-    for prev, path in zip([None, *forward], forward, strict=False):
+    for i, path in enumerate(forward):
         assert path.with_name(path.stem + ".rollback.sql").exists(), f"{path.name}: no rollback"
         assert re.fullmatch(r"\d{4}_[a-z0-9_]+", path.stem), f"{path.name}: bad name"
-        if prev is not None:
-            assert f"-- depends: {prev.stem}" in path.read_text(), (
-                f"{path.name} must declare '-- depends: {prev.stem}'")
+        if i == 0:
+            continue
+        deps = re.findall(r"^-- depends: (.+)$", path.read_text(), flags=re.M)
+        named = {d.strip() for line in deps for d in line.split()}
+        earlier = {p.stem for p in forward[:i]}
+        assert named and named <= earlier, (
+            f"{path.name} must declare '-- depends:' on earlier migrations only, got {named}")

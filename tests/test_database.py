@@ -436,3 +436,24 @@ async def test_provenance_comment_reaches_the_server_and_statements_are_prepared
             "SELECT statement FROM pg_prepared_statements WHERE statement LIKE $1",
             "/* datalayer:orgs.get */%")
     assert len(rows) == 1, "asyncpg should prepare the statement once and reuse it"
+
+
+async def test_cancellation_inside_a_savepoint_propagates_and_rolls_back(
+    single: DataLayer, make_tenant: TenantFactory,
+) -> None:
+    t = await make_tenant("Before")
+
+    async def work() -> None:
+        async with single.session(t.owner) as db:
+            await db.orgs.update(t.org_id, name="During")
+            async with db.savepoint():
+                await db.scalar("testing.sleep", seconds=5)
+
+    task = asyncio.create_task(work())
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    async with single.session(t.owner, readonly=True) as db:
+        org = await db.orgs.get(t.org_id)
+    assert org is not None and org.name == "Before"

@@ -237,6 +237,8 @@ class Session:
         await self._plain(f"SAVEPOINT {name}")
         try:
             yield self
+        except asyncio.CancelledError:
+            raise  # the session ends now and rolls back (or drops) the whole transaction
         except BaseException:
             await self._plain(f"ROLLBACK TO SAVEPOINT {name}; RELEASE SAVEPOINT {name}")
             raise

@@ -21,6 +21,10 @@ async def run_demo(dl: DataLayer, out: TextIO) -> None:
     """Run every section in order."""
     await _tenancy(dl, out)
     await _identity(dl, out)
+    await _workflows(dl, out)
+    await _executions(dl, out)
+    await _cache(dl, out)
+    await _ratelimit(dl, out)
 
 
 async def _tenancy(dl: DataLayer, out: TextIO) -> None:
@@ -114,4 +118,280 @@ async def _identity(dl: DataLayer, out: TextIO) -> None:
                                              "organization")
     say(f"Initech reads Hooli's team: {foreign_team}; Hooli's owner: {user}")
     say(f"may Initech's owner delete the organization? {allowed}")
+    say()
+
+
+async def _workflows(dl: DataLayer, out: TextIO) -> None:
+    def say(text: str = "") -> None:
+        print(text, file=out)
+
+    run = uuid.uuid4().hex[:6]
+    say("== Workflows: versions on every content change, restore, export/import, templates ==")
+    owners = {}
+    for name in ("Umbrella", "Soylent"):
+        org_id, owner_id = uuid.uuid4(), uuid.uuid4()
+        owner = Context(org_id, user_id=owner_id, role="owner", request_id=f"demo-{run}")
+        async with dl.session(owner) as db:
+            await db.orgs.create(slug=f"{name.lower()}-{run}", name=name)
+            await db.users.create(email=f"owner-{run}@{name.lower()}.example")
+            await db.memberships.add(owner_id, "owner")
+        owners[name] = owner
+    umbrella, soylent = owners["Umbrella"], owners["Soylent"]
+    nodes = [{"id": "in", "type": "trigger", "position": {"x": 0, "y": 0}, "data": {}},
+             {"id": "llm", "type": "llm", "position": {"x": 200, "y": 0},
+              "data": {"prompt": "Classify the ticket"}}]
+    edges = [{"id": "e1", "source": "in", "target": "llm"}]
+    async with dl.session(umbrella) as db:
+        wf = await db.workflows.create("Support triage", nodes=nodes, edges=edges,
+                                       tags=["support", "llm"])
+        say(f"created {wf.name!r}: version {wf.current_version}, {len(wf.nodes)} nodes")
+        more = [*nodes, {"id": "out", "type": "output", "position": {"x": 400, "y": 0}}]
+        wf = await db.workflows.update(wf.id, nodes=more,
+                                       edges=[*edges, {"source": "llm", "target": "out"}])
+        say(f"edit 1 (a node added): version {wf.current_version}")
+        wf = await db.workflows.update(wf.id, settings={"timeout_s": 60})
+        say(f"edit 2 (settings): version {wf.current_version}")
+        wf = await db.workflows.update(wf.id, name="Support triage (EU)")
+        say(f"rename: still version {wf.current_version} (names are not content)")
+        wf = await db.workflows.restore(wf.id, 1)
+        v1 = await db.workflows.get_version(wf.id, 1)
+        assert v1 is not None
+        say(f"restore version 1: version {wf.current_version}, same content as version 1: "
+            f"{wf.content_hash == v1.content_hash} (history is never rewritten)")
+        history = [v.version for v in (await db.workflows.versions(wf.id)).items]
+        say(f"versions, newest first: {history}")
+        hits = await db.workflows.search("triage")
+        say(f"search 'triage': {[(h.name, round(h.rank, 3)) for h in hits.items]}")
+        document = await db.workflows.export_json(wf.id)
+        tpl = await db.workflows.create("Ticket classifier", nodes=nodes, edges=edges,
+                                        is_template=True, visibility="public")
+    async with dl.session(soylent) as db:
+        say(f"Soylent reads Umbrella's workflow by id: {await db.workflows.get(wf.id)}")
+        copy = await db.workflows.import_(document)
+        say(f"Soylent imports the export ({len(document)} bytes): new id {copy.id}, "
+            f"version {copy.current_version}, "
+            f"{len((await db.workflows.versions(copy.id)).items)} versions")
+        mine = await db.workflows.instantiate(tpl.id, name="Our classifier")
+        say(f"Soylent instantiates Umbrella's public template: {mine.name!r} "
+            f"({len(mine.nodes)} nodes, a draft of its own)")
+    say()
+
+
+async def _executions(dl: DataLayer, out: TextIO) -> None:
+    import asyncio
+    import itertools
+    from typing import Any
+
+    from datalayer.live import LiveStatus
+    from datalayer.queue import Worker
+    from datalayer.repos.executions import Execution, LeaseLost
+
+    def say(text: str = "") -> None:
+        print(text, file=out)
+
+    run = uuid.uuid4().hex[:6]
+    say("== Executions: a work queue, two workers, one dies mid-run and is recovered ==")
+    org_id, owner_id = uuid.uuid4(), uuid.uuid4()
+    owner = Context(org_id, user_id=owner_id, role="owner", request_id=f"demo-{run}")
+    steps = ["fetch", "transform", "store"]
+    async with dl.session(owner) as db:
+        await db.orgs.create(slug=f"initrode-{run}", name="Initrode")
+        await db.users.create(email=f"owner-{run}@initrode.example")
+        await db.memberships.add(owner_id, "owner")
+        wf = await db.workflows.create(
+            "Nightly export", nodes=[{"id": n, "type": "code"} for n in steps],
+            edges=[{"source": x, "target": y} for x, y in itertools.pairwise(steps)],
+            settings={"retry": {"enabled": True, "max_attempts": 3, "base_delay_ms": 500}})
+        queued = [await db.executions.enqueue(wf.id, input={"batch": i}) for i in range(3)]
+    say(f"enqueued {len(queued)} executions of {wf.name!r} (retry enabled: up to 3 attempts)")
+    lease = 1.0
+    live = LiveStatus(dl, prefix=f"demo:{run}:")
+    watched = queued[0].id
+    sub = await live.subscribe(owner, execution_id=watched)
+    seen: list[str] = []
+
+    async def watch() -> None:
+        async for update in sub:
+            seen.append(update.status + (f"@{update.node_id}" if update.node_id else ""))
+
+    watcher = asyncio.create_task(watch())
+
+    async def run_nodes(worker: Worker, e: Execution, die_after: str | None = None) -> Any:
+        async with worker.session() as db:
+            snap = await db.executions.latest_snapshot(e.id, org_id=e.org_id)
+        done: list[str] = list(snap.state["done"]) if snap is not None else []
+        if snap is not None:
+            say(f"  {worker.worker_id} resumes attempt {e.attempt} from snapshot {snap.seq}: "
+                f"{done} already done")
+        for step in steps:
+            if step in done:
+                continue
+            async with worker.session() as db:
+                node = await db.executions.start_node(e, step, name=step.title(), type="code")
+            await worker.progress(e, len(done) / len(steps), node_id=step)
+            if step == die_after:
+                return None  # the process dies here, with the node still running
+            await asyncio.sleep(0.05)
+            done.append(step)
+            async with worker.session() as db:
+                await db.executions.finish_node(e, node, output={"rows": 100 * len(done)})
+                await db.executions.checkpoint(e, {"done": done}, reason=f"after {step}")
+        return {"exported": len(done)}
+
+    a = Worker(dl, f"worker-a-{run}", lease_s=lease, maintain_partitions=False, live=live)
+    await a.start()
+    (victim,) = await a.claim(1)
+    while victim.id != watched:  # other tenants' queued work may come first: just finish it
+        await a.complete(victim)
+        (victim,) = await a.claim(1)
+    say(f"worker-a claims {victim.id} (attempt {victim.attempt}, lease {lease:g}s)")
+    await run_nodes(a, victim, die_after="transform")
+    await a.abort()
+    say("worker-a dies during 'transform', after checkpointing 'fetch' (no more heartbeats)")
+    mine = {e.id for e in queued}
+    finished: set[uuid.UUID] = set()
+    stop = asyncio.Event()
+
+    async def handler(e: Execution) -> Any:
+        try:
+            if e.id not in mine:
+                return None
+            if e.id == watched:
+                say(f"  worker-b claims it after the reaper requeued it: attempt {e.attempt}")
+            return await run_nodes(b, e)
+        finally:
+            finished.add(e.id)
+            if mine <= finished:
+                stop.set()
+
+    async with Worker(dl, f"worker-b-{run}", lease_s=lease, poll_interval_s=0.2,
+                      maintain_partitions=False, live=live) as b:
+        try:
+            await asyncio.wait_for(b.run(handler, stop=stop), 30)
+        except (TimeoutError, LeaseLost):
+            say("  (worker-b did not finish in time)")
+    await asyncio.sleep(0.2)
+    watcher.cancel()
+    await sub.close()
+    async with dl.session(owner, readonly=True) as db:
+        for e in queued:
+            got = await db.executions.get(e.id)
+            assert got is not None
+            say(f"{got.id}: {got.status}, attempt {got.attempt}, output {got.output}")
+        timeline = await db.executions.timeline(watched)
+        stats = await db.workflows.stats(wf.id)
+    say(f"live updates seen for {watched} ({'Redis' if dl.redis else 'NOTIFY'}): {seen}")
+    say(f"timeline of {watched}:")
+    start = timeline[0].at
+    for t in timeline[1:]:
+        offset = (t.at - start).total_seconds() if t.at and start else 0.0
+        if t.kind == "transition":
+            held = f"[{t.worker_id}]" if t.worker_id else ""
+            why = f" {t.reason}" if t.reason else ""
+            say(f"  +{offset:6.3f}s  {t.from_status or '-':>9} -> {t.status:<9} {held}{why}")
+        else:
+            took = f"{t.duration_ms} ms" if t.duration_ms is not None else "-"
+            say(f"  +{offset:6.3f}s  node {t.node_id:<9} {t.status:<9} {took}")
+    if stats is not None:
+        say(f"workflow statistics: {stats.executions} finished, {stats.successes} succeeded")
+    say()
+
+
+async def _ratelimit(dl: DataLayer, out: TextIO) -> None:
+    import asyncio
+    from datetime import UTC, datetime, timedelta
+
+    from datalayer.core.errors import RateLimited
+    from datalayer.ratelimit import Limit
+
+    def say(text: str = "") -> None:
+        print(text, file=out)
+
+    limiter = dl.limiter
+    limit = Limit(2, 1.0, burst=3)  # 2 a second, and a fresh key may spend 5 at once
+    user = uuid.uuid4()
+    say(f"== Rate limiting: a burst, then rejections with retry-after "
+        f"({limiter.backend.name} backend) ==")
+    say(f"limit 'demo.api': {limit.rate} per {limit.period_s:g}s, burst {limit.burst} "
+        f"({limit.algorithm}), keyed by user")
+    for i in range(1, limit.capacity + 2):
+        d = await limiter.check("demo.api", user_id=user, limit=limit)
+        verdict = (f"allowed, {d.remaining} remaining" if d.allowed
+                   else f"rejected, retry after {d.retry_after:.3f}s")
+        say(f"request {i}: {verdict}")
+    try:
+        await limiter.enforce("demo.api", user_id=user, limit=limit)
+    except RateLimited as exc:
+        say(f"enforce(): {type(exc).__name__}: {exc} (retry_after={exc.retry_after:.3f})")
+        await asyncio.sleep(exc.retry_after)
+    d = await limiter.check("demo.api", user_id=user, limit=limit)
+    say(f"after waiting that long: {'allowed' if d.allowed else 'rejected'}")
+    other = await limiter.check("demo.api", user_id=uuid.uuid4(), limit=limit)
+    say(f"another user meanwhile: {'allowed' if other.allowed else 'rejected'} "
+        f"({other.remaining} remaining)")
+    await limiter.flush()  # also done every second in the background
+    since = datetime.now(UTC) - timedelta(minutes=2)
+    async with dl.system() as db:
+        rows = await db.many("ratelimit.violations", since=since, limit=1000)
+    for r in rows:
+        if r["key"].endswith(f"|u={user}"):
+            say(f"rate_limit_violations: {r['count']} rejections of {r['key']} in the "
+                f"{r['window_s']}s window from {r['window_start']:%H:%M:%S} (one row per key "
+                "and window)")
+    say()
+
+
+async def _cache(dl: DataLayer, out: TextIO) -> None:
+    import time
+
+    from datalayer.cache import Namespace
+
+    def say(text: str = "") -> None:
+        print(text, file=out)
+
+    run = uuid.uuid4().hex[:6]
+    cache = dl.cache
+    say(f"== Cache: a cached lookup, fresh after a write, and a tag invalidation "
+        f"({cache.backend.name} backend) ==")
+    org_id, owner_id = uuid.uuid4(), uuid.uuid4()
+    owner = Context(org_id, user_id=owner_id, role="owner", request_id=f"demo-{run}")
+    async with dl.session(owner) as db:
+        await db.orgs.create(slug=f"umbrella-{run}", name="Umbrella")
+        await db.users.create(email=f"owner-{run}@umbrella.example", display_name="Alice")
+        await db.memberships.add(owner_id, "owner")
+    viewer = Context(org_id, user_id=uuid.uuid4(), role="viewer")
+
+    def counts() -> tuple[int, int]:
+        s = cache.stats().get("users")
+        return (s.hits, s.misses) if s else (0, 0)
+
+    for attempt in ("first", "second"):
+        before = counts()
+        async with dl.session(viewer, readonly=True) as db:
+            started = time.perf_counter()
+            user = await db.users.get(owner_id)
+            took = (time.perf_counter() - started) * 1000
+        after = counts()
+        outcome = "hit" if after[0] > before[0] else "miss (read from PostgreSQL, stored)"
+        say(f"{attempt} read of Alice's account: {outcome}, {took:.2f} ms, "
+            f"display name {user.display_name if user else None!r}")
+    async with dl.session(owner) as db:
+        await db.users.update_profile(owner_id, display_name="Alice Abernathy")
+    async with dl.session(viewer, readonly=True) as db:
+        user = await db.users.get(owner_id)
+    name = user.display_name if user else None
+    say(f"after she renames herself (invalidated on commit): {name!r}")
+    reports = cache.namespace(Namespace("demo.reports", ttl=60))
+    team = f"team:{run}"
+    await reports.set(f"{run}:weekly", {"rows": 120}, tags=[team])
+    await reports.set(f"{run}:monthly", {"rows": 480}, tags=[team])
+    await reports.set(f"{run}:yearly", {"rows": 5200}, tags=[f"team:other-{run}"])
+    keys = [f"{run}:{k}" for k in ("weekly", "monthly", "yearly")]
+    say(f"cached reports: {sorted(k.split(':')[1] for k in await reports.get_many(keys))}")
+    await cache.invalidate_tags(team)
+    say(f"after invalidating tag {team!r}: "
+        f"{sorted(k.split(':')[1] for k in await reports.get_many(keys))}")
+    s = cache.stats()["users"]
+    say(f"users namespace in this process: {s.hits} hits, {s.misses} misses, "
+        f"{s.loads} loads ({s.load_ms:.1f} ms loading)")
     say()

@@ -35,10 +35,13 @@ __all__ = [
     "Progress",
     "SeedPlan",
     "seed",
+    "seed_executions",
     "seed_orgs",
     "seed_users",
+    "seed_workflows",
     "user_email",
     "user_id",
+    "workflow_record",
 ]
 
 PROFILES = ("dev", "bench")
@@ -48,6 +51,8 @@ BATCH_SIZE = 10_000
 ROWS_PER_SCALE: dict[str, dict[str, int]] = {
     "orgs": {"dev": 3, "bench": 100},
     "users": {"dev": 15, "bench": 5_000},  # spread over the organizations
+    "workflows": {"dev": 12, "bench": 1_000},  # round robin over the organizations
+    "executions": {"dev": 30, "bench": 10_000},  # over the workflows; 0-5 nodes each
 }
 _RUN_ID = re.compile(r"[a-z0-9]{1,16}")
 _NAMESPACE = uuid.UUID("5b1e6f0c-3c2d-4f6e-9a51-6a0d1c2b7e90")  # seed ids: uuid5(this, …)
@@ -216,10 +221,128 @@ async def seed_users(db: Session, plan: SeedPlan, progress: Progress) -> int:
 _TIERS = ("free", "free", "pro", "enterprise")
 _MEMBER_ROLES = ("member",) * 17 + ("admin", "viewer", "guest")
 
+_VERBS = ("Sync", "Triage", "Summarize", "Route", "Enrich", "Approve", "Classify", "Archive",
+          "Notify", "Translate", "Score", "Reconcile")
+_NOUNS = ("invoices", "tickets", "leads", "emails", "contracts", "orders", "documents",
+          "alerts", "reviews", "payments", "reports", "messages")
+_NODE_TYPES = ("trigger", "http", "llm", "code", "if", "output")
+_WF_TAGS = ("finance", "support", "sales", "ops", "llm", "nightly", "urgent", "internal",
+            "customer", "beta")
+_WF_STATUSES = ("active",) * 5 + ("draft",) * 3 + ("paused", "archived")
+
+
+def workflow_record(plan: SeedPlan, rng: random.Random, i: int,
+                    now: datetime) -> tuple[object, ...]:
+    """Seeded workflow ``i`` as a ``workflows.copy_rows`` record: organization ``i`` modulo
+    the organizations (so they interleave, as tenants do over time), owned by a member of
+    it, a small React-Flow chain of nodes, a few tags; 15% private, 1% public templates."""
+    orgs = plan.org_ids
+    k = i % len(orgs)
+    per_org = max(1, plan.rows("users") // len(orgs))
+    owner = user_id(plan, k + len(orgs) * rng.randrange(per_org))
+    verb, noun = rng.choice(_VERBS), rng.choice(_NOUNS)
+    n = rng.randint(2, 6)
+    nodes = [{"id": f"n{j}", "type": "trigger" if j == 0 else rng.choice(_NODE_TYPES[1:]),
+              "position": {"x": 220 * j, "y": rng.randrange(-80, 80)},
+              "data": {"label": f"{verb} step {j}"}} for j in range(n)]
+    edges = [{"id": f"e{j}", "source": f"n{j}", "target": f"n{j + 1}"} for j in range(n - 1)]
+    roll = rng.random()
+    public = roll < 0.01
+    visibility = "public" if public else ("private" if roll < 0.16 else "organization")
+    age = rng.randrange(1, 365 * 86_400)
+    created = now - timedelta(seconds=age)
+    updated = created + timedelta(seconds=rng.randrange(age))
+    description = f"{verb.lower()}s incoming {noun} and hands them to {rng.choice(_NOUNS)}"
+    return (orgs[k], uuid.uuid5(_NAMESPACE, f"{plan.run_id}/workflow/{i}"),
+            f"{verb} {noun} {i}", description, nodes, edges,
+            {"timeout_s": rng.choice((30, 60, 300))}, rng.choice(_WF_STATUSES), owner, None,
+            rng.sample(_WF_TAGS, rng.randint(0, 3)), public, visibility, created, updated)
+
+
+async def seed_workflows(db: Session, plan: SeedPlan, progress: Progress) -> int:
+    """Workflows (each with its version 1, written by the versioning trigger), spread round
+    robin over the organizations and owned by their members."""
+    rng = plan.rng("workflows")
+    now = datetime.now(UTC)
+    total = plan.rows("workflows")
+    progress.start("workflows", total)
+    loaded = 0
+    for chunk in batches(total):
+        n = await db.copy("workflows.copy_rows", [workflow_record(plan, rng, i, now)
+                                                  for i in chunk])
+        loaded += n
+        progress.advance(n)
+    progress.finish()
+    return loaded
+
+
+_EXECUTION_OUTCOMES = ("succeeded",) * 80 + ("failed",) * 12 + ("cancelled",) * 5 + (
+    "timed_out", "queued", "queued")
+
+
+async def seed_executions(db: Session, plan: SeedPlan, progress: Progress) -> int:
+    """Executions of the seeded workflows over the last week (mostly succeeded; some
+    failed, cancelled, timed out; a few queued for later), each finished one with its node
+    executions. Loaded with COPY as the maintenance role, which may insert history in any
+    state; the triggers record each one's transition and workflow statistics. Skipped (0)
+    when the run has no workflows."""
+    workflows = await db.many("executions.seed_workflows", org_ids=list(plan.org_ids))
+    if not workflows:
+        return 0
+    await db.many("partitions.ensure", months_ahead=1, months_back=1)
+    rng = plan.rng("executions")
+    now = datetime.now(UTC)
+    total = plan.rows("executions")
+    progress.start("executions", total)
+    loaded = 0
+    for chunk in batches(total):
+        runs: list[tuple[object, ...]] = []
+        nodes: list[tuple[object, ...]] = []
+        for i in chunk:
+            wf = workflows[i % len(workflows)]
+            eid = uuid.uuid5(_NAMESPACE, f"{plan.run_id}/execution/{i}")
+            status = rng.choice(_EXECUTION_OUTCOMES)
+            created = now - timedelta(seconds=rng.randrange(7 * 86_400))
+            trigger = rng.choice(("manual", "webhook", "schedule", "schedule"))
+            if status == "queued":
+                runs.append((wf["org_id"], eid, wf["id"], wf["current_version"], trigger, {},
+                             {"n": i}, None, None, status, 0, 1, 3, None,
+                             now + timedelta(seconds=rng.randrange(3600, 86_400)), None, None,
+                             None, None, created))
+                continue
+            started = created + timedelta(milliseconds=rng.randrange(5, 2_000))
+            at = started
+            steps = rng.randint(0, 5)
+            for k in range(steps):
+                took = timedelta(milliseconds=int(rng.lognormvariate(5, 1.2)))
+                failed = status == "failed" and k == steps - 1
+                nodes.append((wf["org_id"], uuid.uuid5(_NAMESPACE, f"{eid}/node/{k}"), eid,
+                              f"n{k}", f"Step {k}", rng.choice(_NODE_TYPES[1:]),
+                              "failed" if failed else "succeeded", {"k": k},
+                              None if failed else {"ok": True},
+                              {"message": "upstream returned 502"} if failed else None, 1,
+                              at, at + took, created))
+                at += took
+            finished = at + timedelta(milliseconds=rng.randrange(1, 50))
+            error = {"message": "upstream returned 502"} if status == "failed" else None
+            runs.append((wf["org_id"], eid, wf["id"], wf["current_version"], trigger, {},
+                         {"n": i}, {"ok": True} if status == "succeeded" else None, error,
+                         status, 0, 1, 3, None, created, None, None, started, finished,
+                         created))
+        await db.copy("executions.copy_rows", runs)
+        await db.copy("executions.copy_nodes", nodes)
+        loaded += len(runs)
+        progress.advance(len(runs))
+    progress.finish()
+    return loaded
+
+
 # (domain, generator) in dependency order; later domains append theirs.
 GENERATORS: tuple[tuple[str, Generator], ...] = (
     ("orgs", seed_orgs),
     ("users", seed_users),
+    ("workflows", seed_workflows),
+    ("executions", seed_executions),  # after workflows: runs of the seeded workflows
 )
 
 

@@ -19,6 +19,8 @@ __all__ = ["DEFAULT_DATABASE_URL", "Settings"]
 
 Env = Literal["development", "testing", "production"]
 ContextMode = Literal["session", "transaction"]
+CacheBackend = Literal["redis", "memory", "postgres"]
+RateLimitBackend = Literal["redis", "postgres", "memory"]
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 _TRUE = {"1", "true", "yes", "on"}
@@ -43,6 +45,16 @@ class Settings:
     context_mode: ContextMode = "session"
     statement_cache_size: int = 512
     application_name: str = "datalayer"
+    cache_backend: CacheBackend | None = None  # None: redis when redis_url is set, else memory
+    cache_max_bytes: int = 64 * 1024 * 1024  # memory backend budget (values, keys, overhead)
+    cache_prefix: str = "dl:cache:"  # Redis key prefix
+    cache_stats_interval_s: float = 60.0  # write cache_stats this often; 0 = never
+    cache_lookups: bool = True  # read-through caching of hot repository lookups
+    # Rate limiting (datalayer/ratelimit/limits.py documents the DATALAYER_RATE_LIMITS syntax).
+    rate_limits: str = "default=100/1s burst 50"  # = ratelimit.DEFAULT_RATE_LIMITS
+    ratelimit_backend: RateLimitBackend | None = None  # None: redis with REDIS_URL, else postgres
+    ratelimit_timeout_ms: int = 200  # decide by the limit's fail mode after this long
+    ratelimit_prefix: str = ""  # Redis key prefix (keys: <prefix>ratelimit:<key>)
     # "kid:base64key,…", the first one active. Secret: never in repr.
     keys: str | None = field(default=None, repr=False)
 
@@ -73,6 +85,30 @@ class Settings:
                 raise ConfigError(f"{name} must be > 0 seconds")
         if self.keys is not None:
             parse_keys(self.keys)
+        if self.cache_backend not in (None, "redis", "memory", "postgres"):
+            raise ConfigError("DATALAYER_CACHE_BACKEND must be redis, memory or postgres")
+        if self.cache_backend == "redis" and not self.redis_url:
+            raise ConfigError("DATALAYER_CACHE_BACKEND=redis needs REDIS_URL")
+        if self.cache_max_bytes < 1024:
+            raise ConfigError("DATALAYER_CACHE_MAX_BYTES must be at least 1024")
+        if not self.cache_prefix or len(self.cache_prefix) > 100 or any(
+                c.isspace() for c in self.cache_prefix):
+            raise ConfigError("DATALAYER_CACHE_PREFIX must be 1-100 characters, no spaces")
+        if self.cache_stats_interval_s < 0:
+            raise ConfigError("DATALAYER_CACHE_STATS_INTERVAL_S must be >= 0 (0 disables it)")
+        if self.ratelimit_backend not in (None, "redis", "postgres", "memory"):
+            raise ConfigError("DATALAYER_RATELIMIT_BACKEND must be redis, postgres or memory")
+        if self.ratelimit_backend == "redis" and not self.redis_url:
+            raise ConfigError("DATALAYER_RATELIMIT_BACKEND=redis needs REDIS_URL")
+        if self.ratelimit_timeout_ms < 1:
+            raise ConfigError("DATALAYER_RATELIMIT_TIMEOUT_MS must be >= 1")
+        if len(self.ratelimit_prefix) > 100 or any(c.isspace() for c in self.ratelimit_prefix):
+            raise ConfigError("DATALAYER_RATELIMIT_PREFIX must be at most 100 characters, "
+                              "no spaces")
+        # Imported here: the ratelimit package imports modules that import this one.
+        from datalayer.ratelimit.limits import parse_limits
+
+        parse_limits(self.rate_limits)
         if self.env == "production":
             if not self.keys:
                 raise ConfigError(
@@ -87,6 +123,20 @@ class Settings:
     @property
     def migration_url(self) -> str:
         return self.admin_url or self.database_url
+
+    @property
+    def cache_backend_name(self) -> CacheBackend:
+        """The cache backend in use: the setting, or redis when REDIS_URL is set, else memory."""
+        if self.cache_backend is not None:
+            return self.cache_backend
+        return "redis" if self.redis_url else "memory"
+
+    @property
+    def ratelimit_backend_name(self) -> RateLimitBackend:
+        """The rate-limit backend in use: the setting, or redis with REDIS_URL, else postgres."""
+        if self.ratelimit_backend is not None:
+            return self.ratelimit_backend
+        return "redis" if self.redis_url else "postgres"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -106,6 +156,8 @@ class Settings:
             "pool_max_size": "DATALAYER_POOL_MAX",
             "statement_timeout_ms": "DATALAYER_STATEMENT_TIMEOUT_MS",
             "statement_cache_size": "DATALAYER_STATEMENT_CACHE_SIZE",
+            "ratelimit_timeout_ms": "DATALAYER_RATELIMIT_TIMEOUT_MS",
+            "cache_max_bytes": "DATALAYER_CACHE_MAX_BYTES",
         }
         for attr, var in ints.items():
             if e.get(var):
@@ -114,6 +166,7 @@ class Settings:
             "acquire_timeout_s": "DATALAYER_ACQUIRE_TIMEOUT_S",
             "connect_timeout_s": "DATALAYER_CONNECT_TIMEOUT_S",
             "migration_lock_timeout_s": "DATALAYER_MIGRATION_LOCK_TIMEOUT_S",
+            "cache_stats_interval_s": "DATALAYER_CACHE_STATS_INTERVAL_S",
         }
         for attr, var in floats.items():
             if e.get(var):
@@ -123,6 +176,17 @@ class Settings:
                                                e["DATALAYER_MIGRATE_ON_START"])
         if e.get("DATALAYER_CONTEXT_MODE"):
             kwargs["context_mode"] = e["DATALAYER_CONTEXT_MODE"]
+        if e.get("DATALAYER_CACHE_BACKEND"):
+            kwargs["cache_backend"] = e["DATALAYER_CACHE_BACKEND"]
+        if e.get("DATALAYER_CACHE_PREFIX"):
+            kwargs["cache_prefix"] = e["DATALAYER_CACHE_PREFIX"]
+        if e.get("DATALAYER_CACHE_LOOKUPS"):
+            kwargs["cache_lookups"] = _bool("DATALAYER_CACHE_LOOKUPS", e["DATALAYER_CACHE_LOOKUPS"])
+        for attr, var in (("rate_limits", "DATALAYER_RATE_LIMITS"),
+                          ("ratelimit_backend", "DATALAYER_RATELIMIT_BACKEND"),
+                          ("ratelimit_prefix", "DATALAYER_RATELIMIT_PREFIX")):
+            if e.get(var):
+                kwargs[attr] = e[var]
         if e.get("DATALAYER_APPLICATION_NAME"):
             kwargs["application_name"] = e["DATALAYER_APPLICATION_NAME"]
         return cls(**kwargs)  # type: ignore[arg-type]

@@ -12,6 +12,11 @@ RETURNING org_id, id, user_id, name, prefix, last4, scopes, expires_at, last_use
 -- The live key with this hash, in any organization; records last use (see app.verify_api_key).
 SELECT org_id, key_id, user_id, role, scopes FROM app.verify_api_key(:key_hash);
 
+-- name: verify_until :one
+-- verify, plus the key's expiry: what read-through caching needs to never outlive the key.
+SELECT org_id, key_id, user_id, role, scopes, valid_until
+FROM app.verify_api_key_until(:key_hash);
+
 -- name: list :many
 -- Keys the context may see (its own; all for admins), newest first, keyset-paginated.
 SELECT org_id, id, user_id, name, prefix, last4, scopes, expires_at, last_used_at,

@@ -97,6 +97,7 @@ GLOBAL_BY_DESIGN: dict[str, str] = {
     "auth.totp_accept": "second factor of a user id during login, before a context exists",
     "auth.recovery_code_use": "recovery code of a user id during login, no context",
     "api_keys.verify": "API-key authentication: finds the key's organization by hash",
+    "api_keys.verify_until": "api_keys.verify plus the key's expiry (read-through caching)",
 }
 
 # Query namespaces not named after their table.
@@ -106,6 +107,16 @@ NAMESPACE_TABLES = {"orgs": "organizations"}
 SELF_SERVICE_WRITES: dict[tuple[str, str], tuple[str, str]] = {
     ("memberships", "DELETE"): ("user_id", "anyone may leave an organization "
                                            "(memberships_delete); only their own row"),
+}
+
+# Tenant tables that every organization context reads by design: table -> why. Nothing of
+# another tenant may be read anywhere else; test_public_template_catalog_is_the_only_crossing
+# checks that, and that nobody writes these tables. (The pair's tenants publish nothing,
+# so every other test here sees no crossing at all.)
+CROSS_TENANT_READABLE: dict[str, str] = {
+    "workflow_public_templates": "the public template catalog: copies, kept by a trigger, of "
+                                 "live public templates (visibility 'public', is_template, "
+                                 "not deleted); no owner, team, shares or history",
 }
 
 # Holes found by this suite and still open. (kind, subject) -> what and why it matters.
@@ -476,7 +487,8 @@ async def join(dl: DataLayer, owner: Context, uid: uuid.UUID, role: str) -> None
 
 async def make_tenant(dl: DataLayer, tag: str) -> Tenant:
     """An organization with an owner (TOTP set up), a viewer, a guest, a team, an API key
-    and a pending invitation: a row in every table of the identity schema."""
+    and a pending invitation: a row in every table of the identity schema; and a private
+    workflow with two versions, shares and statistics."""
     org_id, h = uuid.uuid4(), uuid.uuid4().hex[:10]
     email = f"{tag}-owner-{h}@example.test"
     owner_id = uuid.uuid4()
@@ -497,6 +509,15 @@ async def make_tenant(dl: DataLayer, tag: str) -> Tenant:
     guest_id = await register(dl, f"{tag}-guest-{h}@example.test")
     await join(dl, owner, viewer_id, "viewer")
     await join(dl, owner, guest_id, "guest")
+    async with dl.session(owner) as db:
+        wf = await db.workflows.create(f"{tag} flow {h}", description=f"{tag} secret {h}",
+                                       visibility="private", tags=[tag],
+                                       nodes=[{"id": f"n{h}", "type": "http"}])
+        await db.workflows.update(wf.id, settings={"rev": h})
+        await db.workflows.share(wf.id, user_id=viewer_id)
+        await db.workflows.share(wf.id, team_id=team.id, permission="edit")
+        await db.connection.execute("SELECT app.workflow_stats_record($1, $2, 'succeeded', 42)",
+                                    org_id, wf.id)
     return Tenant(tag, org_id, owner_id, viewer_id, guest_id, email)
 
 
@@ -1007,6 +1028,56 @@ async def test_read_only_roles_cannot_write(
                     problems.append(f"{ctx.role} {command} {t.qname}: {out.error!r}")
     assert not problems, "\n".join(problems)
     assert await snapshot(admin_conn, tables, a.org_id) == before
+
+
+async def test_public_template_catalog_is_the_only_crossing(
+    dl: DataLayer, admin_conn: asyncpg.Connection, tables: list[Table],
+    pair: tuple[Tenant, Tenant],
+) -> None:
+    """B publishes a template. Every role of A reads B's rows in CROSS_TENANT_READABLE
+    tables and nowhere else; nobody writes those tables; no context reads nothing; B's rows do
+    not change; unpublished, the template is gone from A's view."""
+    a, b = pair
+    async with dl.session(b.owner) as db:
+        tpl = await db.workflows.create(f"bravo public {uuid.uuid4().hex[:8]}",
+                                        is_template=True, visibility="public")
+    before = await snapshot(admin_conn, tables, b.org_id)
+    assert {t: len(before[t]) for t in CROSS_TENANT_READABLE} == {
+        t: 1 for t in CROSS_TENANT_READABLE}  # not vacuous
+    problems = []
+    for ctx in (a.owner, a.ctx("viewer"), a.ctx("guest")):
+        for t in _tenant_tables(tables, partitions=False):
+            key = t.tenant_key
+            out = await attempt(dl, ctx, fetchval(
+                f"SELECT count(*) FROM {t.qname} WHERE {key} = $1", b.org_id), commit=False)
+            expected = len(before[t.name]) if t.name in CROSS_TENANT_READABLE else 0
+            if not (out.value == expected or (expected == 0 and _denied(out.error,
+                                                                         by_rls=False))):
+                problems.append(f"{ctx.role} reads {out} of B's {t.qname}, expected {expected}")
+    for name in CROSS_TENANT_READABLE:
+        t = next(x for x in tables if x.name == name)
+        row = await row_for(admin_conn, t, a.org_id)
+        sql, _ = insert_sql(t, row)
+        for ctx in (a.owner, b.owner):
+            for stmt, args in ((sql, (row,)),
+                               (f"UPDATE {t.qname} SET {t.tenant_key} = {t.tenant_key}", ()),
+                               (f"DELETE FROM {t.qname}", ())):
+                out = await attempt(dl, ctx, execute(stmt, *args), commit=True)
+                if not _denied(out.error, by_rls=False):
+                    problems.append(f"{ctx.role} of {'A' if ctx is a.owner else 'B'}: "
+                                    f"{stmt.split(' (')[0]}: {out}")
+        out = await attempt(dl, Context(None), fetchval(f"SELECT count(*) FROM {t.qname}"),
+                            commit=False)
+        if out.value != 0:
+            problems.append(f"no context reads {out} of {t.qname}")
+    assert not problems, "\n".join(problems)
+    assert await snapshot(admin_conn, tables, b.org_id) == before
+    async with dl.session(b.owner) as db:
+        await db.workflows.update(tpl.id, visibility="organization")
+    out = await attempt(dl, a.owner, fetchval(
+        "SELECT count(*) FROM workflow_public_templates WHERE org_id = $1", b.org_id),
+        commit=False)
+    assert out.value == 0
 
 
 # -- stateful: random tenants, roles and operations ------------------------------------------------

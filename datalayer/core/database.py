@@ -20,6 +20,7 @@ import asyncpg
 import orjson
 import redis.asyncio as aioredis
 
+from datalayer.cache import Cache
 from datalayer.core import migrations
 from datalayer.core.context import Context
 from datalayer.core.errors import (
@@ -87,6 +88,17 @@ class DataLayer:
         self.passwords = passwords or PasswordHasher()
         self._pool: asyncpg.Pool | None = None
         self._redis: aioredis.Redis | None = None
+        # The cache (DATALAYER_CACHE_BACKEND); its backend connects in start().
+        self.cache = Cache.for_layer(self)
+        # Imported here: these modules import this one (types, codecs).
+        from datalayer.ratelimit import Limiter
+        from datalayer.service_pool import ServicePool
+        from datalayer.web_sessions import WebSessions
+
+        # Connections outside tenant sessions, for the limiter and web sessions (lazy).
+        self.service_pool = ServicePool(self.settings)
+        self.limiter = Limiter.from_datalayer(self)
+        self.web_sessions = WebSessions(self)
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> DataLayer:
@@ -121,6 +133,9 @@ class DataLayer:
             # (callers decide whether to degrade), not start-up.
             self._redis = aioredis.Redis.from_url(s.redis_url, socket_connect_timeout=2,
                                                   socket_timeout=5)
+        self.service_pool.open()
+        await self.limiter.start()
+        await self.cache.start()
         log.info("datalayer started", extra={"queries": len(self.registry),
                                               "context_mode": s.context_mode})
         return self
@@ -148,6 +163,9 @@ class DataLayer:
                     from exc
 
     async def close(self) -> None:
+        await self.cache.close()  # writes its last statistics: before the pool goes
+        await self.limiter.close()  # flushes violations: before the pool goes
+        await self.service_pool.close()
         pool, self._pool = self._pool, None
         redis, self._redis = self._redis, None
         if redis is not None:

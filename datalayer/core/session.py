@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -90,7 +90,8 @@ class Session:
     is sent.
     """
 
-    __slots__ = ("_conn", "_ctx", "_dl", "_queries", "_readonly", "_repos", "_sp", "_tx")
+    __slots__ = ("_after", "_conn", "_ctx", "_dl", "_queries", "_readonly", "_repos", "_sp",
+                 "_tx")
 
     def __init__(self, dl: DataLayer, conn: Any, ctx: Context | None, *, readonly: bool,
                  in_transaction: bool) -> None:
@@ -102,6 +103,7 @@ class Session:
         self._tx = in_transaction
         self._sp = 0
         self._repos: dict[type[Repository], Repository] | None = None
+        self._after: list[Callable[[], Awaitable[object]]] | None = None
 
     @property
     def dl(self) -> DataLayer:
@@ -116,6 +118,27 @@ class Session:
     @property
     def readonly(self) -> bool:
         return self._readonly
+
+    @property
+    def in_transaction(self) -> bool:
+        """True when statements run inside a transaction this session opened."""
+        return self._tx
+
+    async def after_commit(self, fn: Callable[[], Awaitable[object]]) -> None:
+        """Run ``fn()`` once this session's transaction has committed (cache invalidation).
+
+        In a transaction: queued, awaited right after a successful COMMIT (the connection
+        already released, shielded from cancellation), and dropped on rollback, including
+        the rollback of a savepoint it was queued in. Exceptions it raises are logged, not
+        raised: the commit has happened. Without a transaction (read-only sessions,
+        ``dl.executor``) each statement has committed already, so ``fn`` runs at once.
+        """
+        if not self._tx:
+            await fn()
+            return
+        if self._after is None:
+            self._after = []
+        self._after.append(fn)
 
     @property
     def connection(self) -> asyncpg.Connection:
@@ -234,6 +257,7 @@ class Session:
                                   "without one unless opened with isolation='repeatable_read'")
         self._sp += 1
         name = f"dl_sp_{self._sp}"
+        queued = len(self._after or ())
         await self._plain(f"SAVEPOINT {name}")
         try:
             yield self
@@ -241,6 +265,8 @@ class Session:
             raise  # the session ends now and rolls back (or drops) the whole transaction
         except BaseException:
             await self._plain(f"ROLLBACK TO SAVEPOINT {name}; RELEASE SAVEPOINT {name}")
+            if self._after:
+                del self._after[queued:]  # rolled back: nothing to do after commit
             raise
         else:
             await self._plain(f"RELEASE SAVEPOINT {name}")
@@ -407,6 +433,10 @@ class SessionScope:
             if self._applied is not None:
                 conn.dl_state.key = self._applied
             await dl._release(conn, broken=False)
+            after = self._session._after if self._session is not None else None
+            if after:
+                # Shielded: a request cancelled right after COMMIT still invalidates.
+                await asyncio.shield(_run_after_commit(after))
             return
         # Exception or cancellation: roll back. If the connection cannot even do that
         # (lost, or a cancelled query still running), it is terminated, never reused.
@@ -417,6 +447,14 @@ class SessionScope:
             except BaseException:
                 broken = True
         await dl._release(conn, broken=broken)
+
+
+async def _run_after_commit(callbacks: list[Callable[[], Awaitable[object]]]) -> None:
+    for fn in callbacks:
+        try:
+            await fn()
+        except Exception:
+            log.exception("an after-commit callback failed (the transaction did commit)")
 
 
 class _ClosedConnection:
@@ -432,15 +470,16 @@ _CLOSED = _ClosedConnection()
 async def acquire_with_timeout(pool: asyncpg.Pool, limit_s: float) -> Any:
     """``pool.acquire`` with the configured limit, mapped to our errors.
 
-    When a free connection is queued the acquire cannot wait, so it goes without a timer:
-    a timeout arms a timer on acquire and another on release (asyncpg keeps it for the
-    release), about 7 us per session at no benefit. The check reads asyncpg's holder
-    queue (O(1); the public ``get_idle_size()`` walks every holder); should that private
-    attribute ever go away, every acquire simply takes the timed path.
+    When a connected, free holder is next in asyncpg's queue the acquire can neither wait
+    nor connect, so it goes without a timer: a timeout arms a timer on acquire and another
+    on release (asyncpg keeps it for the release), about 7 us per session at no benefit.
+    The check peeks at asyncpg's LIFO holder queue (O(1); the public ``get_idle_size()``
+    walks every holder). Anything else — an empty queue, a holder that would first have to
+    connect, or a future asyncpg without these attributes — takes the timed path.
     """
     try:
-        queue = getattr(pool, "_queue", None)
-        if queue is not None and not queue.empty():
+        holders = getattr(getattr(pool, "_queue", None), "_queue", None)
+        if holders and holders[-1].is_connected():
             return await pool.acquire()
         return await pool.acquire(timeout=limit_s)
     except TimeoutError:

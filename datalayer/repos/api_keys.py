@@ -8,6 +8,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from datalayer.cache import lookups
 from datalayer.core.errors import ValidationError
 from datalayer.core.rows import RowQuery
 from datalayer.repos._base import LAST, Page, Repository, check_limit, page_of
@@ -41,6 +42,18 @@ class VerifiedKey:
     scopes: list[str]
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _VerifiedUntil:
+    """``api_keys.verify_until``: a verification and when the key expires (for caching)."""
+
+    org_id: uuid.UUID
+    key_id: uuid.UUID
+    user_id: uuid.UUID
+    role: str
+    scopes: list[str]
+    valid_until: datetime | None
+
+
 @dataclass(frozen=True, slots=True)
 class IssuedKey:
     """A new key: ``secret`` is shown to its owner once and never stored or logged."""
@@ -51,6 +64,7 @@ class IssuedKey:
 
 CREATE = RowQuery("api_keys.create", ApiKey)
 VERIFY = RowQuery("api_keys.verify", VerifiedKey)
+VERIFY_UNTIL = RowQuery("api_keys.verify_until", _VerifiedUntil)
 LIST = RowQuery("api_keys.list", ApiKey)
 
 
@@ -78,10 +92,27 @@ class ApiKeys(Repository):
     async def verify(self, secret: str) -> VerifiedKey | None:
         """The organization, user, role and scopes of a live key, or None (unknown, revoked,
         expired, or its user or organization gone). One indexed lookup; records last use
-        at most once a minute. Works without a context."""
+        at most once a minute. Works without a context. Read-only sessions read through
+        the cache (``datalayer.cache.lookups``), which never holds a key past its expiry
+        and forgets it when it is revoked."""
         if not secret.startswith("dl_") or len(secret) > 200:
             return None
-        return await self._db.fetch_one(VERIFY, key_hash=hash_key(secret))
+        db = self._db
+        key_hash = hash_key(secret)
+        key = lookups.api_key_key(db, key_hash)
+        if key is None:
+            return await db.fetch_one(VERIFY, key_hash=key_hash)
+
+        async def load() -> lookups.Loaded[VerifiedKey] | None:
+            v = await db.fetch_one(VERIFY_UNTIL, key_hash=key_hash)
+            if v is None:
+                return None
+            found = VerifiedKey(org_id=v.org_id, key_id=v.key_id, user_id=v.user_id,
+                                role=v.role, scopes=v.scopes)
+            return lookups.api_key_entry(found, org_id=v.org_id, key_id=v.key_id,
+                                         user_id=v.user_id, valid_until=v.valid_until)
+
+        return await lookups.read_through(db, lookups.API_KEYS, VerifiedKey, key, load)
 
     async def list(self, *, before: tuple[datetime, uuid.UUID] | None = None,
                    limit: int = 100) -> Page[ApiKey]:
@@ -93,4 +124,9 @@ class ApiKeys(Repository):
         return page_of(rows, limit, lambda k: (k.created_at, k.id))
 
     async def revoke(self, key_id: uuid.UUID) -> bool:
-        return await self._db.execrows("api_keys.revoke", id=key_id) == 1
+        """Revoke a key; its cached verification is dropped once this commits."""
+        db = self._db
+        revoked = await db.execrows("api_keys.revoke", id=key_id) == 1
+        if revoked and db.context is not None and db.context.org_id is not None:
+            await lookups.invalidate(db, lookups.api_key_tag(db.context.org_id, key_id))
+        return revoked

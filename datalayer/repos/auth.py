@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from datalayer.cache import lookups
 from datalayer.core.context import ROLES
 from datalayer.core.errors import PermissionDenied, ValidationError
 from datalayer.core.rows import RowQuery
@@ -142,11 +143,13 @@ class Auth(Repository):
             new_hash = await hasher.hash_async(password)
         await self._db.scalar("auth.record_login", user_id=row.user_id, success=True,
                               old_hash=row.password_hash, new_hash=new_hash)
+        await lookups.invalidate(self._db, lookups.user_tag(row.user_id))
         return LoginResult("ok", user_id=row.user_id)
 
     async def _failed(self, user_id: uuid.UUID, outcome: LoginOutcome) -> LoginResult:
         locked = await self._db.scalar("auth.record_login", user_id=user_id, success=False,
                                        old_hash=None, new_hash=None)
+        await lookups.invalidate(self._db, lookups.user_tag(user_id))
         if locked is not None and locked > datetime.now(UTC):
             return LoginResult("locked", locked_until=locked)
         return LoginResult(outcome)
@@ -163,6 +166,7 @@ class Auth(Repository):
         new_hash = await self._db.dl.passwords.hash_async(password)
         if not await self._db.scalar("auth.set_password", password_hash=new_hash):
             raise PermissionDenied("set_password needs a writable context with a user_id")
+        await self._own_account_changed()
 
     # -- single-use tokens ----------------------------------------------------------------------
     async def issue_token(self, kind: Literal["email_verification", "password_reset"],
@@ -201,8 +205,14 @@ class Auth(Repository):
             new_hash = await self._db.dl.passwords.hash_async(new_password)
         if len(token) > 200:
             return None
-        return await self._db.fetch_one(CONSUME, kind=kind, token_hash=_sha256(token),
+        used = await self._db.fetch_one(CONSUME, kind=kind, token_hash=_sha256(token),
                                         new_hash=new_hash)
+        if used is not None and used.user_id is not None:
+            tags = [lookups.user_tag(used.user_id)]
+            if used.org_id is not None:
+                tags.append(lookups.member_tag(used.org_id, used.user_id))
+            await lookups.invalidate(self._db, *tags)
+        return used
 
     # -- two-factor authentication --------------------------------------------------------------
     async def enable_2fa(self, *, account: str, issuer: str = "datalayer") -> TwoFactorSetup:
@@ -219,6 +229,7 @@ class Auth(Repository):
                                        recovery_codes=[_sha256(c).hex() for c in codes])
         if not stored:
             raise PermissionDenied("enable_2fa needs a writable context for a live account")
+        await self._own_account_changed()
         return TwoFactorSetup(totp.provisioning_uri(secret, account, issuer), codes)
 
     async def verify_2fa(self, user_id: uuid.UUID, code: str) -> bool:
@@ -232,9 +243,17 @@ class Auth(Repository):
         step = totp.verify(secret, code, last_used_step=state.last_step)
         if step is None:
             return False
-        return bool(await self._db.scalar("auth.totp_accept", user_id=user_id, step=step))
+        if not await self._db.scalar("auth.totp_accept", user_id=user_id, step=step):
+            return False
+        await lookups.invalidate(self._db, lookups.user_tag(user_id))  # 2FA may be on now
+        return True
 
     async def use_recovery_code(self, user_id: uuid.UUID, code: str) -> bool:
         """Spend one recovery code (each works once)."""
         return bool(await self._db.scalar("auth.recovery_code_use", user_id=user_id,
                                           code_hash=_sha256(code.strip().lower()).hex()))
+
+    async def _own_account_changed(self) -> None:
+        ctx = self._db.context
+        if ctx is not None and ctx.user_id is not None:
+            await lookups.invalidate(self._db, lookups.user_tag(ctx.user_id))

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from datalayer.cache import lookups
 from datalayer.core.context import ROLES
 from datalayer.core.errors import NotFound, ValidationError
 from datalayer.core.rows import RowQuery
@@ -54,6 +55,7 @@ class Memberships(Repository):
         founder of an organization becomes its owner. ``PermissionDenied`` otherwise."""
         m = await self._db.fetch_one(ADD, user_id=user_id, role=_role(role))
         assert m is not None
+        await self._changed(user_id)
         return m
 
     async def get(self, user_id: uuid.UUID) -> Membership | None:
@@ -75,7 +77,18 @@ class Memberships(Repository):
         if m is None:
             raise NotFound("membership not found or not changeable by this role",
                            query=SET_ROLE.name)
+        await self._changed(user_id)
         return m
 
     async def remove(self, user_id: uuid.UUID) -> bool:
-        return await self._db.execrows("memberships.remove", user_id=user_id) == 1
+        removed = await self._db.execrows("memberships.remove", user_id=user_id) == 1
+        if removed:
+            await self._changed(user_id)
+        return removed
+
+    async def _changed(self, user_id: uuid.UUID) -> None:
+        """Cached lookups that depend on this membership (who sees the user, the role an
+        API key acts with) are dropped once this commits."""
+        ctx = self._db.context
+        if ctx is not None and ctx.org_id is not None:
+            await lookups.invalidate(self._db, lookups.member_tag(ctx.org_id, user_id))

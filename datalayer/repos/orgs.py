@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from datalayer.cache import lookups
 from datalayer.core.errors import NotFound, ValidationError
 from datalayer.core.rows import RowQuery
 from datalayer.repos._base import Repository
@@ -77,7 +78,13 @@ class Organizations(Repository):
 
     async def soft_delete(self, org_id: uuid.UUID) -> bool:
         """Mark deleted (owner only); False when nothing changed."""
-        return await self._db.execrows("orgs.soft_delete", id=org_id) == 1
+        return await self._changed(org_id, await self._db.execrows("orgs.soft_delete",
+                                                                   id=org_id))
 
     async def restore(self, org_id: uuid.UUID) -> bool:
-        return await self._db.execrows("orgs.restore", id=org_id) == 1
+        return await self._changed(org_id, await self._db.execrows("orgs.restore", id=org_id))
+
+    async def _changed(self, org_id: uuid.UUID, rows: int) -> bool:
+        if rows:  # cached API-key verifications of the organization go
+            await lookups.invalidate(self._db, lookups.org_tag(org_id))
+        return rows == 1

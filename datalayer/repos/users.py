@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from datalayer.cache import lookups
 from datalayer.core.errors import NotFound, ValidationError
 from datalayer.core.rows import RowQuery
 from datalayer.repos._base import FIRST, Page, Repository, check_limit, page_of
@@ -68,7 +69,15 @@ class Users(Repository):
         return user
 
     async def get(self, user_id: uuid.UUID) -> User | None:
-        return await self._db.fetch_one(GET, id=user_id)
+        """A live user visible to the context. Read-only sessions read through the cache
+        (``datalayer.cache.lookups``: keyed by what RLS decides on)."""
+        db = self._db
+        cached = lookups.user_key(db, user_id)
+        if cached is None:
+            return await db.fetch_one(GET, id=user_id)
+        return await lookups.read_through(db, lookups.USERS, User, cached[0],
+                                          lambda: db.fetch_one(GET, id=user_id),
+                                          tags=cached[1])
 
     async def get_by_email(self, email: str) -> User | None:
         """A live user by email, case-insensitive; None unless visible to the context."""
@@ -94,15 +103,24 @@ class Users(Repository):
         if user is None:
             raise NotFound("user not found, deleted, or not the context's own account",
                            query=UPDATE_PROFILE.name)
+        await lookups.invalidate(self._db, lookups.user_tag(user_id))
         return user
 
     async def soft_delete(self, user_id: uuid.UUID) -> bool:
-        return await self._db.execrows("users.soft_delete", id=user_id) == 1
+        return await self._changed(user_id, await self._db.execrows("users.soft_delete",
+                                                                    id=user_id))
 
     async def restore(self, user_id: uuid.UUID) -> bool:
         """Undo a soft delete; ``Conflict`` if a live account took the email meanwhile."""
-        return await self._db.execrows("users.restore", id=user_id) == 1
+        return await self._changed(user_id, await self._db.execrows("users.restore",
+                                                                    id=user_id))
 
     async def hard_delete(self, user_id: uuid.UUID) -> bool:
         """Delete the account and (by cascade) its memberships, keys and tokens."""
-        return await self._db.execrows("users.hard_delete", id=user_id) == 1
+        return await self._changed(user_id, await self._db.execrows("users.hard_delete",
+                                                                    id=user_id))
+
+    async def _changed(self, user_id: uuid.UUID, rows: int) -> bool:
+        if rows:
+            await lookups.invalidate(self._db, lookups.user_tag(user_id))
+        return rows == 1

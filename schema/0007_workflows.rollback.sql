@@ -1,0 +1,21 @@
+-- The workflows policies read workflow_shares: drop them before the table.
+DROP POLICY workflows_select ON workflows;
+DROP POLICY workflows_update ON workflows;
+DROP TABLE workflow_public_templates;
+DROP TABLE workflow_stats;
+DROP TABLE workflow_shares;
+DROP TABLE workflow_versions;
+DROP TABLE workflows;
+DROP FUNCTION app.workflow_stats_record(uuid, uuid, text, bigint);
+DROP FUNCTION app.workflow_stats_quantile(bigint[], double precision, bigint, bigint);
+DROP FUNCTION app.workflow_duration_bucket(bigint);
+DROP FUNCTION app.workflow_versions_guard();
+DROP FUNCTION app.workflows_publish();
+DROP FUNCTION app.workflows_record_version();
+DROP FUNCTION app.workflows_guard();
+DROP FUNCTION app.workflow_owned_by_me(uuid, uuid);
+DROP FUNCTION app.workflow_content_hash(jsonb, jsonb, jsonb);
+DROP FUNCTION app.workflow_tags_text(text[]);
+DROP FUNCTION app.workflow_tags_ok(text[]);
+DROP FUNCTION app.workflow_graph_ok(jsonb, jsonb);
+DROP FUNCTION app.my_team_ids();

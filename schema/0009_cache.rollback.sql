@@ -1,0 +1,13 @@
+DROP FUNCTION app.verify_api_key_until(bytea);
+DROP FUNCTION app.cache_incr(text, text, bigint);
+DROP FUNCTION app.cache_lease(text, text, text, bigint, boolean);
+DROP FUNCTION app.cache_clock();
+DROP FUNCTION app.cache_invalidate(text[], text, text[], boolean);
+DROP FUNCTION app.cache_store(text, text, bytea, bigint, text[], text[], bigint, text);
+DROP FUNCTION app.cache_lock_tags(text[], boolean);
+DROP TABLE cache_stats;
+DROP TABLE cache_counters;
+DROP TABLE cache_leases;
+DROP SEQUENCE cache_clock;
+DROP TABLE cache_versions;
+DROP TABLE cache_entries;

@@ -14,6 +14,7 @@ from datalayer.core.errors import (
     SchemaDrift,
     SerializationFailure,
     Timeout,
+    TransactionAborted,
     Unavailable,
     ValidationError,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "Session",
     "Settings",
     "Timeout",
+    "TransactionAborted",
     "Unavailable",
     "ValidationError",
 ]

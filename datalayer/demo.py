@@ -205,7 +205,7 @@ async def _executions(dl: DataLayer, out: TextIO) -> None:
         queued = [await db.executions.enqueue(wf.id, input={"batch": i}) for i in range(3)]
     say(f"enqueued {len(queued)} executions of {wf.name!r} (retry enabled: up to 3 attempts)")
     lease = 1.0
-    live = LiveStatus(dl, prefix=f"demo:{run}:")
+    live = LiveStatus(dl, prefix=f"demo:{run}:", ttl_s=600)
     watched = queued[0].id
     sub = await live.subscribe(owner, execution_id=watched)
     seen: list[str] = []

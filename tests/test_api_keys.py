@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from datalayer import Context, DataLayer
+from datalayer import Context, DataLayer, PermissionDenied
 from datalayer.repos.api_keys import hash_key
 from tests.conftest import MemberFactory, TenantFactory
 
@@ -35,8 +35,8 @@ async def test_verify_works_without_context_and_records_use(
 ) -> None:
     t = await make_tenant()
     member = await add_member(t, "viewer")
-    async with dl.session(member) as db:
-        with pytest.raises(Exception, match="row-level security"):
+    with pytest.raises(PermissionDenied, match="row-level security"):
+        async with dl.session(member) as db:
             await db.api_keys.create("viewer key")  # viewers cannot write
     async with dl.session(t.owner) as db:
         issued = await db.api_keys.create("ops", scopes=["admin"])

@@ -7,6 +7,7 @@ session is guaranteed to get the connection the previous one used.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from datalayer import (
     Session,
     Settings,
     Timeout,
+    TransactionAborted,
     Unavailable,
     ValidationError,
 )
@@ -457,3 +459,20 @@ async def test_cancellation_inside_a_savepoint_propagates_and_rolls_back(
     async with single.session(t.owner, readonly=True) as db:
         org = await db.orgs.get(t.org_id)
     assert org is not None and org.name == "Before"
+
+
+async def test_swallowed_error_inside_a_session_is_not_a_silent_rollback(
+    dl: DataLayer, make_tenant: TenantFactory,
+) -> None:
+    """PostgreSQL answers COMMIT of a failed transaction with ROLLBACK; the session says so."""
+    t = await make_tenant("Kept")
+    with pytest.raises(TransactionAborted, match="nothing was written"):
+        async with dl.session(t.owner) as db:
+            await db.orgs.update(t.org_id, name="Lost")
+            with contextlib.suppress(ValidationError):  # a CHECK violation, ignored
+                await db.orgs.update(t.org_id, name="")
+    async with dl.session(t.owner, readonly=True) as db:
+        org = await db.orgs.get(t.org_id)
+    assert org is not None and org.name == "Kept"
+    async with dl.session(t.owner) as db:  # the connection is fine afterwards
+        assert (await db.orgs.update(t.org_id, name="Next")).name == "Next"

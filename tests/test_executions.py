@@ -151,9 +151,10 @@ async def test_tenant_sessions_insert_only_queued_executions(
     insertable at all, and the guard refuses anything but queued from non-maintenance roles."""
     async with dl.session(tenant.owner) as db:
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
-            await db.connection.execute(
-                "INSERT INTO executions (org_id, workflow_id, workflow_version, status) "
-                "VALUES ($1, $2, 1, 'succeeded')", tenant.org_id, workflow.id)
+            async with db.savepoint():
+                await db.connection.execute(
+                    "INSERT INTO executions (org_id, workflow_id, workflow_version, status) "
+                    "VALUES ($1, $2, 1, 'succeeded')", tenant.org_id, workflow.id)
 
 
 async def test_enqueue_get_list_and_who_may(

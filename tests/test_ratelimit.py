@@ -389,8 +389,9 @@ async def test_postgres_check_is_one_statement_refused_inside_a_tenant_session(
     tenant session (tenant code cannot spend or reset other keys)."""
     async with dl.session(Context(uuid.uuid4(), role="owner")) as db:
         with pytest.raises(PermissionDenied, match="outside tenant sessions"):
-            await db.one("ratelimit.check", key="k", gcra=False, interval_us=1, capacity=1,
-                         cost=1)
+            async with db.savepoint():
+                await db.one("ratelimit.check", key="k", gcra=False, interval_us=1, capacity=1,
+                             cost=1)
     privileges = await admin_conn.fetchval(
         "SELECT bool_or(has_table_privilege('datalayer_app', t, p)) FROM "
         "unnest(ARRAY['rate_limit_buckets', 'rate_limit_violations']) t, "

@@ -85,7 +85,8 @@ async def test_other_org_cannot_see_or_touch_teams(
         assert await db.teams.members(team.id) == []
         assert await db.teams.delete(team.id) is False
         with pytest.raises(ValidationError):  # FK to a team B cannot see
-            await db.teams.add_member(team.id, b.owner_id)
+            async with db.savepoint():
+                await db.teams.add_member(team.id, b.owner_id)
 
 
 async def test_team_list_keyset_by_name(dl: DataLayer, make_tenant: TenantFactory) -> None:

@@ -181,7 +181,8 @@ async def test_postgres_store_refuses_unknown_users_and_tenant_sessions(
         await sessions.create(uuid.uuid4())
     async with dl.session(Context(uuid.uuid4(), role="owner")) as db:
         with pytest.raises(PermissionDenied, match="without an organization context"):
-            await db.scalar("web_sessions.revoke_user", user_id=uuid.uuid4())
+            async with db.savepoint():
+                await db.scalar("web_sessions.revoke_user", user_id=uuid.uuid4())
 
 
 async def test_sweep_deletes_expired_postgres_sessions(

@@ -329,7 +329,8 @@ async def test_public_templates_are_readable_never_writable_across_orgs(
         assert await db.workflows.stats(tpl.id) is None
         assert await db.workflows.export(copy.id, history=False)
         with pytest.raises(NotFound):
-            await db.workflows.instantiate(private_tpl.id)
+            async with db.savepoint():
+                await db.workflows.instantiate(private_tpl.id)
         for sql in ("UPDATE workflows SET name = 'hijacked' WHERE id = $1",
                     "UPDATE workflows SET nodes = '[]' WHERE id = $1",
                     "DELETE FROM workflows WHERE id = $1"):
@@ -339,8 +340,9 @@ async def test_public_templates_are_readable_never_writable_across_orgs(
             assert await db.connection.fetchval(
                 f"SELECT count(*) FROM {table} WHERE {col} = $1", tpl.id) == 0
         with pytest.raises(PermissionDenied):  # nobody writes the catalog
-            await _raw(db, "UPDATE workflow_public_templates SET name = 'x' WHERE workflow_id = $1",
-                       tpl.id)
+            async with db.savepoint():
+                await _raw(db, "UPDATE workflow_public_templates SET name = 'x' "
+                           "WHERE workflow_id = $1", tpl.id)
     assert (copy.org_id, copy.owner_id, copy.is_template, copy.status) == (
         b.org_id, b.owner_id, False, "draft")
     assert (copy.nodes, copy.edges, copy.tags, copy.current_version) == (
@@ -360,8 +362,8 @@ async def test_public_templates_are_readable_never_writable_across_orgs(
     async with dl.session(a.owner) as db:
         await db.workflows.update(tpl.id, name="Shared template")
     member = await add_member(a, "member")
-    async with dl.session(member) as db:  # publishing is for admins
-        with pytest.raises(PermissionDenied, match="admin may publish"):
+    with pytest.raises(PermissionDenied, match="admin may publish"):  # publishing: admins
+        async with dl.session(member) as db:
             await db.workflows.create("leak", is_template=True, visibility="public")
     async with dl.session(a.owner) as db:
         assert await db.workflows.delete(tpl.id)
@@ -534,7 +536,8 @@ async def test_database_checks_graph_and_tags_too(
         assert err.value.constraint == constraint
     async with dl.session(t.owner) as db:
         wf = await db.workflows.create("ok", nodes=NODES, edges=EDGES)
-        with pytest.raises(ValidationError) as verr:  # edges left pointing at removed nodes
+    with pytest.raises(ValidationError) as verr:  # edges left pointing at removed nodes
+        async with dl.session(t.owner) as db:
             await db.workflows.update(wf.id, nodes=NODES[:1])
     assert verr.value.constraint == "workflows_graph_valid"
 

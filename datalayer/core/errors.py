@@ -27,6 +27,7 @@ __all__ = [
     "SchemaDrift",
     "SerializationFailure",
     "Timeout",
+    "TransactionAborted",
     "Unavailable",
     "ValidationError",
     "translate",
@@ -101,6 +102,11 @@ class SerializationFailure(DataLayerError):
 
 class Deadlock(SerializationFailure):
     """PostgreSQL broke a deadlock by aborting this transaction; re-run it."""
+
+
+class TransactionAborted(DataLayerError):
+    """A session ended normally but its transaction had already failed: an error raised
+    inside the block was caught and ignored. It was rolled back; nothing was written."""
 
 
 class MigrationError(DataLayerError):

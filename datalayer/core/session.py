@@ -28,7 +28,14 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import asyncpg
 
 from datalayer.core.context import SYSTEM_KEY, Context, system_sql
-from datalayer.core.errors import DataLayerError, Timeout, Unavailable, ValidationError, translate
+from datalayer.core.errors import (
+    DataLayerError,
+    Timeout,
+    TransactionAborted,
+    Unavailable,
+    ValidationError,
+    translate,
+)
 from datalayer.core.rows import RowQuery
 from datalayer.core.sqlfile import Query, Shape
 from datalayer.repos._base import Repository
@@ -422,7 +429,7 @@ class SessionScope:
             return
         if exc_type is None:
             try:
-                await conn.execute("COMMIT")
+                status = await conn.execute("COMMIT")
             except BaseException as commit_exc:
                 # A failed COMMIT has rolled back; the apply (if any) did not stick.
                 await dl._release(conn, broken=True)
@@ -430,6 +437,15 @@ class SessionScope:
                               | OSError):
                     raise _mapped(commit_exc, "commit") from commit_exc
                 raise
+            if status != "COMMIT":
+                # PostgreSQL answers COMMIT of a failed transaction with ROLLBACK: an error
+                # was raised inside the block and caught there. Nothing was written.
+                await dl._release(conn, broken=False)
+                raise TransactionAborted(
+                    "the session's transaction had failed (an error inside the block was "
+                    "caught and ignored) and was rolled back; nothing was written. Use "
+                    "db.savepoint() around statements that may fail"
+                )
             if self._applied is not None:
                 conn.dl_state.key = self._applied
             await dl._release(conn, broken=False)

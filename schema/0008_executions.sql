@@ -608,4 +608,5 @@ GRANT EXECUTE ON FUNCTION app.execution_transition_allowed(text, text),
                           app.execution_retry_delay(integer, integer)
   TO datalayer_app, datalayer_maint;
 
-SELECT app.ensure_partitions(1);
+-- PERFORM, not SELECT: yoyo prints the rows of a SELECT in a migration to stdout.
+DO $$ BEGIN PERFORM app.ensure_partitions(1); END $$;

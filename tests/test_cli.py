@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import orjson
 import pytest
 
-from tests.conftest import TEST_KEYS
+from tests.conftest import TEST_KEYS, create_database, drop_database
 
 COMMANDS = ["migrate", "check", "health", "demo", "dev-db", "seed", "bench"]
 
@@ -108,3 +109,15 @@ def test_production_without_keys_refuses_to_start(database_url: str) -> None:
                  DATALAYER_KEYS="")
     assert result.returncode == 1
     assert "DATALAYER_KEYS is required when DATALAYER_ENV=production" in result.stderr
+
+
+def test_first_start_keeps_stdout_clean_for_json(database_url: str) -> None:
+    """Migrating a fresh database prints nothing to stdout (yoyo echoes SELECT results)."""
+    name = f"dl_cli_{uuid.uuid4().hex[:8]}"
+    url = create_database(name)
+    try:
+        result = cli("check", "--json", DATABASE_URL=url)
+        assert result.returncode == 0, result.stderr
+        assert all(q["ok"] for q in orjson.loads(result.stdout))
+    finally:
+        drop_database(name)

@@ -6,6 +6,7 @@ Each domain adds a section. Output is for people; it goes to the stream it is gi
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import TextIO
 
 import asyncpg
@@ -15,6 +16,15 @@ from datalayer.core.database import DataLayer
 from datalayer.core.errors import translate
 
 __all__ = ["run_demo"]
+
+
+def _printer(out: TextIO) -> Callable[..., None]:
+    """``say(text)``: one line of demo output to ``out``."""
+
+    def say(text: str = "") -> None:
+        print(text, file=out)
+
+    return say
 
 
 async def run_demo(dl: DataLayer, out: TextIO) -> None:
@@ -28,8 +38,7 @@ async def run_demo(dl: DataLayer, out: TextIO) -> None:
 
 
 async def _tenancy(dl: DataLayer, out: TextIO) -> None:
-    def say(text: str = "") -> None:
-        print(text, file=out)
+    say = _printer(out)
 
     run = uuid.uuid4().hex[:6]
     say("== Tenancy: two organizations, each sees only itself (RLS) ==")
@@ -72,8 +81,7 @@ async def _tenancy(dl: DataLayer, out: TextIO) -> None:
 
 
 async def _identity(dl: DataLayer, out: TextIO) -> None:
-    def say(text: str = "") -> None:
-        print(text, file=out)
+    say = _printer(out)
 
     run = uuid.uuid4().hex[:6]
     say("== Identity: users, teams, API keys, lockout ==")
@@ -122,8 +130,7 @@ async def _identity(dl: DataLayer, out: TextIO) -> None:
 
 
 async def _workflows(dl: DataLayer, out: TextIO) -> None:
-    def say(text: str = "") -> None:
-        print(text, file=out)
+    say = _printer(out)
 
     run = uuid.uuid4().hex[:6]
     say("== Workflows: versions on every content change, restore, export/import, templates ==")
@@ -186,8 +193,7 @@ async def _executions(dl: DataLayer, out: TextIO) -> None:
     from datalayer.queue import Worker
     from datalayer.repos.executions import Execution, LeaseLost
 
-    def say(text: str = "") -> None:
-        print(text, file=out)
+    say = _printer(out)
 
     run = uuid.uuid4().hex[:6]
     say("== Executions: a work queue, two workers, one dies mid-run and is recovered ==")
@@ -304,8 +310,7 @@ async def _ratelimit(dl: DataLayer, out: TextIO) -> None:
     from datalayer.core.errors import RateLimited
     from datalayer.ratelimit import Limit
 
-    def say(text: str = "") -> None:
-        print(text, file=out)
+    say = _printer(out)
 
     limiter = dl.limiter
     limit = Limit(2, 1.0, burst=3)  # 2 a second, and a fresh key may spend 5 at once
@@ -346,8 +351,7 @@ async def _cache(dl: DataLayer, out: TextIO) -> None:
 
     from datalayer.cache import Namespace
 
-    def say(text: str = "") -> None:
-        print(text, file=out)
+    say = _printer(out)
 
     run = uuid.uuid4().hex[:6]
     cache = dl.cache

@@ -209,6 +209,30 @@ async def _bench(args: argparse.Namespace) -> int:
     return 0 if rows else 1
 
 
+# -- keys -------------------------------------------------------------------------------------
+async def _keys(args: argparse.Namespace) -> int:
+    from datalayer.security import Keyring
+    from datalayer.security.rotation import RotationProgress, rotate
+
+    if args.action == "generate":
+        import time
+
+        print(f"{args.kid or time.strftime('k%Y%m%d')}:{Keyring.generate_key()}")
+        return 0
+
+    def progress(p: RotationProgress) -> None:
+        print(f"{p.column}: batch {p.batch}, {p.rotated}/{p.total} re-encrypted"
+              + (f", {p.skipped} changed meanwhile (next pass)" if p.skipped else ""),
+              file=sys.stderr)
+
+    async with DataLayer(_settings()) as dl:
+        print(f"rotating to key {dl.keyring.active_kid!r} "
+              f"(ring: {', '.join(dl.keyring.kids)})", file=sys.stderr)
+        report = await rotate(dl, batch=args.batch, progress=progress)
+    _json(report.as_dict())
+    return 0
+
+
 # -- parser -------------------------------------------------------------------------------------
 def _async(fn: Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
            ) -> Callable[[argparse.Namespace], int]:
@@ -258,6 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
                     default=int(os.environ.get("DATALAYER_SEED_SCALE", "1")),
                     help="multiplier of row counts (DATALAYER_SEED_SCALE, default 1)")
     sd.add_argument("--json", action="store_true")
+
+    k = add("keys", _async(_keys),
+            "encryption keys: 'generate' prints a new kid:key for DATALAYER_KEYS; 'rotate' "
+            "re-encrypts every registered encrypted column under the first key of "
+            "DATALAYER_KEYS (online, resumable, idempotent)")
+    k.add_argument("action", choices=["generate", "rotate"])
+    k.add_argument("--kid", default=None,
+                   help="generate: the key id (default kYYYYMMDD)")
+    k.add_argument("--batch", type=int, default=500, help="rotate: rows per batch (500)")
 
     b = add("bench", _async(_bench),
             "run benchmark scenarios against raw asyncpg (all, or the named ones/prefixes)")

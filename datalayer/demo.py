@@ -33,8 +33,11 @@ async def run_demo(dl: DataLayer, out: TextIO) -> None:
     await _identity(dl, out)
     await _workflows(dl, out)
     await _executions(dl, out)
+    await _webhooks(dl, out)
     await _cache(dl, out)
     await _ratelimit(dl, out)
+    await _credentials(dl, out)
+    await _notifications(dl, out)
 
 
 async def _tenancy(dl: DataLayer, out: TextIO) -> None:
@@ -303,6 +306,67 @@ async def _executions(dl: DataLayer, out: TextIO) -> None:
     say()
 
 
+async def _webhooks(dl: DataLayer, out: TextIO) -> None:
+    import json
+    import time
+
+    from datalayer.repos.webhooks import sign
+
+    say = _printer(out)
+
+    run = uuid.uuid4().hex[:6]
+    say("== Webhooks: a signed delivery received twice (stored once), processed into an "
+        "execution ==")
+    owner = Context(uuid.uuid4(), user_id=uuid.uuid4(), role="owner", request_id=f"demo-{run}")
+    async with dl.session(owner) as db:
+        await db.orgs.create(slug=f"hooks-{run}", name="Hooks Inc")
+        await db.users.create(email=f"owner-{run}@hooks.example")
+        await db.memberships.add(owner.user_id, "owner")  # type: ignore[arg-type]
+        wf = await db.workflows.create("On order", nodes=[{"id": "notify", "type": "http"}])
+        created = await db.webhooks.create(wf.id, name="orders")
+    say(f"webhook {created.webhook.name!r} for workflow {wf.name!r}: POST /hooks/"
+        f"{created.token[:8]}… (token and signing secret shown once; stored: sha256 of the "
+        f"token, the secret encrypted)")
+    body = json.dumps({"order": 1042, "total": 99.5}).encode()
+    ts = int(time.time())
+    headers = {"X-Datalayer-Timestamp": str(ts),
+               "X-Datalayer-Signature": sign(created.secret, body, ts),
+               "Authorization": "Bearer sender-token", "Idempotency-Key": f"order-1042-{run}"}
+    org_id = created.webhook.org_id
+    for delivery in (1, 2):
+        async with dl.system() as db:  # the HTTP handler: no tenant context yet
+            route = await db.webhooks.route(created.token)
+            assert route is not None
+            ok = db.webhooks.verify_signature(route, body, headers)
+            tampered = db.webhooks.verify_signature(route, body + b" ", headers)
+            got = await db.webhooks.ingest(
+                route.webhook_id, org_id=route.org_id, idempotency_key=headers["Idempotency-Key"],
+                event_type="order.created", payload=json.loads(body), headers=headers,
+                source_ip="203.0.113.10")
+        outcome = "stored" if got.created else "already stored: the original comes back"
+        say(f"delivery {delivery}: signature {'valid' if ok else 'INVALID'} (tampered body: "
+            f"{'valid' if tampered else 'rejected'}); event {str(got.event.id)[:8]} {outcome}; "
+            f"authorization stored as {got.event.headers['authorization']!r}")
+    async with dl.system() as db:  # a worker
+        [event] = await db.webhooks.claim(f"demo-{run}", org_id=org_id)
+        done = await db.webhooks.process(event)
+        assert done is not None and done.execution_id is not None
+        ex = await db.executions.get(done.execution_id, org_id=org_id)
+        assert ex is not None
+    say(f"processed: event {done.status}, execution {str(ex.id)[:8]} {ex.status} "
+        f"(trigger {ex.trigger!r}, input {ex.input})")
+    async with dl.session(owner, readonly=True) as db:
+        stats = await db.webhooks.stats(created.webhook.id)
+        hook = await db.webhooks.get(created.webhook.id)
+        assert hook is not None
+    say(f"stats: received {stats.received}, processed {stats.processed}, dead {stats.dead}; "
+        f"trigger count {hook.trigger_count}")
+    async with dl.system() as db:  # leave no queued executions for other workers
+        await db.connection.execute(
+            "DELETE FROM executions WHERE org_id = $1 AND status = 'queued'", org_id)
+    say()
+
+
 async def _ratelimit(dl: DataLayer, out: TextIO) -> None:
     import asyncio
     from datetime import UTC, datetime, timedelta
@@ -398,4 +462,129 @@ async def _cache(dl: DataLayer, out: TextIO) -> None:
     s = cache.stats()["users"]
     say(f"users namespace in this process: {s.hits} hits, {s.misses} misses, "
         f"{s.loads} loads ({s.load_ms:.1f} ms loading)")
+    say()
+
+
+async def _notifications(dl: DataLayer, out: TextIO) -> None:
+    from datalayer.repos.notifications import NotificationFeed
+
+    say = _printer(out)
+
+    run = uuid.uuid4().hex[:6]
+    say("== Notifications: direct, team and organization fan-out, unread count, push ==")
+    org_id, owner_id, alice_id = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    owner = Context(org_id, user_id=owner_id, role="owner", request_id=f"demo-{run}")
+    alice = Context(org_id, user_id=alice_id, role="member", request_id=f"demo-{run}")
+    alice_email = f"alice-{run}@umbrella.example"
+    async with dl.session(owner) as db:
+        await db.orgs.create(slug=f"umbrella-{run}", name="Umbrella")
+        await db.users.create(email=f"owner-{run}@umbrella.example")
+        await db.memberships.add(owner_id, "owner")
+        token = await db.auth.invite(alice_email, "member")
+    async with dl.session(Context(None, user_id=alice_id)) as db:
+        await db.users.create(email=alice_email, display_name="Alice")
+        await db.auth.consume_token("invitation", token)
+    async with dl.session(owner) as db:
+        team = await db.teams.create("On-call")
+        await db.teams.add_member(team.id, alice_id)
+    feed = NotificationFeed(dl, prefix=f"demo:{run}:")
+    how = "Redis pub/sub" if dl.redis is not None else "PostgreSQL NOTIFY"
+    async with await feed.subscribe(alice_id) as sub:
+        async with dl.session(owner) as db:
+            await db.notifications.create(alice_id, "workflow.failed", "Nightly export failed",
+                                          message="node 'transform' timed out",
+                                          data={"workflow": "Nightly export"},
+                                          priority="urgent")
+            team_sent = await db.notifications.fan_out_team(team.id, "oncall.handover",
+                                                            "You are on call this week")
+            org_sent = await db.notifications.fan_out_org("org.announcement",
+                                                          "Maintenance on Sunday", priority="low")
+        say(f"the owner notifies Alice directly, fans out to team {team.name!r} "
+            f"({len(team_sent)} recipients) and to the organization ({len(org_sent)})")
+        pushed = [e for e in [await sub.get(timeout_s=2) for _ in range(3)] if e is not None]
+        say(f"Alice's subscription ({how}) received {len(pushed)} events: "
+            f"{[f'{e.type}/{e.priority}' for e in pushed]} (ids only, no message bodies)")
+    async with dl.session(alice, readonly=True) as db:
+        page = await db.notifications.list(limit=10)
+    say(f"Alice's list, one statement: {page.unread} unread of {len(page.items)}")
+    for n in page.items:
+        say(f"  [{n.priority:>6}] {n.title}{' — ' + n.message if n.message else ''}")
+    async with dl.session(alice) as db:
+        marked = await db.notifications.mark_read([page.items[-1].id])
+        left = await db.notifications.unread_count()
+        say(f"Alice marks {marked} read: {left} unread; "
+            f"mark all read: {await db.notifications.mark_all_read()} more")
+        say(f"unread now: {await db.notifications.unread_count()}")
+    async with dl.session(owner, readonly=True) as db:
+        mine = await db.notifications.list()
+    say(f"the owner's own list: {[n.title for n in mine.items]}; Alice's notifications are "
+        "readable by Alice only (RLS)")
+    say()
+
+
+async def _credentials(dl: DataLayer, out: TextIO) -> None:
+    import os
+
+    from datalayer.security.rotation import rotate
+
+    say = _printer(out)
+
+    run = uuid.uuid4().hex[:6]
+    say("== Credentials: encrypted at rest, listed without secrets, audited decrypt, "
+        "online key rotation ==")
+    owner = Context(uuid.uuid4(), user_id=uuid.uuid4(), role="owner", request_id=f"demo-{run}")
+    async with dl.session(owner) as db:
+        await db.orgs.create(slug=f"vault-{run}", name="Vault Co")
+        await db.users.create(email=f"owner-{run}@vault.example")
+        await db.memberships.add(owner.user_id, "owner")  # type: ignore[arg-type]
+        cred = await db.credentials.create(
+            "GitHub", "oauth2", {"access_token": f"gho_{uuid.uuid4().hex}",
+                                 "refresh_token": f"ghr_{uuid.uuid4().hex}",
+                                 "scopes": ["repo", "workflow"]},
+            metadata={"account": "vault-co"})
+    say(f"stored credential {cred.name!r} ({cred.type}); at rest it is one AES-256-GCM blob")
+    async with dl.session(owner, readonly=True) as db:
+        for c in (await db.credentials.list()).items:
+            say(f"listed: {c!r}")
+    async with dl.system() as db:
+        kid = await db.connection.fetchval(
+            "SELECT app.keyring_kid(secret) FROM credentials WHERE id = $1", cred.id)
+    say(f"the stored blob is under key {kid!r}")
+
+    async def show() -> None:
+        async with dl.session(owner) as db:
+            secret = await db.credentials.decrypt(cred.id)
+            log = await db.credentials.access_log(cred.id)
+        token = secret.payload["access_token"]
+        say(f"decrypt(): access_token {token[:8]}… scopes={secret.payload['scopes']} "
+            f"(repr: {secret!r}); access records so far: {len(log)}")
+
+    await show()
+    # The demo rotates only its own organization's rows to a throwaway key and back; the
+    # real thing, `datalayer keys rotate`, covers every registered column of every tenant.
+    original, org = dl.keyring, owner.org_id
+    new_kid = f"demo-{run}"
+    ring = original.with_new_key(new_kid, os.urandom(32))
+    try:
+        dl.keyring = ring
+        report = await rotate(dl, batch=200, org_id=org)
+        say(f"rotated Vault Co to key {new_kid!r}: {report.total_rotated} rows re-encrypted "
+            f"in {report.batches} batches; none of its rows references the old key")
+        async with dl.system() as db:
+            kid = await db.connection.fetchval(
+                "SELECT app.keyring_kid(secret) FROM credentials WHERE id = $1", cred.id)
+        say(f"the stored blob is now under key {kid!r}")
+        await show()
+        report = await rotate(dl, batch=200, org_id=org)
+        say(f"a second rotation changes nothing: {report.total_rotated} rows")
+    finally:
+        # back to the configured key (also after an error), so that the demo's rows stay
+        # readable with DATALAYER_KEYS once the throwaway key is gone
+        dl.keyring = ring.with_active(original.active_kid)
+        try:
+            report = await rotate(dl, batch=200, org_id=org, check=False)
+        finally:
+            dl.keyring = original
+    say(f"rotated back to the configured key {original.active_kid!r} "
+        f"({report.total_rotated} rows)")
     say()

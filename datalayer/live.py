@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, cast
@@ -34,13 +34,15 @@ from redis.exceptions import RedisError
 from datalayer.core.errors import NotFound, Unavailable, ValidationError
 
 if TYPE_CHECKING:
+    from redis.asyncio import Redis
     from redis.asyncio.client import PubSub
 
     from datalayer.core.context import Context
     from datalayer.core.database import DataLayer
     from datalayer.repos.executions import Execution
 
-__all__ = ["NOTIFY_CHANNEL", "LiveStatus", "StatusUpdate", "Subscription"]
+__all__ = ["NOTIFY_CHANNEL", "LiveStatus", "StatusUpdate", "Subscription", "listen_connection",
+           "redis_subscribe"]
 
 log = logging.getLogger("datalayer.live")
 
@@ -72,6 +74,42 @@ class StatusUpdate:
                    workflow_id=uuid.UUID(d["workflow_id"]), status=d["status"],
                    progress=d.get("progress"), node_id=d.get("node_id"),
                    at=datetime.fromisoformat(d["at"]))
+
+
+async def listen_connection(dl: DataLayer, channel: str,
+                            callback: Callable[[object, int, str, object], None], *,
+                            purpose: str) -> asyncpg.Connection:
+    """A dedicated PostgreSQL connection LISTENing on ``channel`` (``callback`` is called per
+    notification, asyncpg's listener signature), for the subscriptions of live status and
+    notifications. ``Unavailable`` when it cannot connect. The caller closes it."""
+    s = dl.settings
+    try:
+        conn = await asyncpg.connect(
+            s.database_url, timeout=s.connect_timeout_s,
+            server_settings={"application_name": f"{s.application_name}-live"})
+    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise Unavailable(f"cannot open a connection to LISTEN for {purpose}") from exc
+    try:
+        await conn.add_listener(channel, callback)
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
+
+
+async def redis_subscribe(redis: Redis, channel: str) -> PubSub:
+    """A Redis pub/sub subscribed to ``channel``, the subscription confirmed (no message
+    published after this returns is missed). ``Unavailable`` on Redis errors."""
+    pubsub = redis.pubsub()
+    try:
+        await pubsub.subscribe(channel)
+        # The confirmation: once read, the server has registered the subscription.
+        while (await pubsub.get_message(timeout=1.0)) is None:
+            pass
+    except (RedisError, OSError) as exc:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        raise Unavailable("Redis did not accept the subscription") from exc
+    return pubsub
 
 
 class LiveStatus:
@@ -188,26 +226,10 @@ class Subscription:
             channel = (live.execution_channel(self._execution_id)
                        if self._execution_id is not None
                        else live.workflow_channel(self._workflow_id))  # type: ignore[arg-type]
-            pubsub = redis.pubsub()
-            try:
-                await pubsub.subscribe(channel)
-                # The confirmation: once read, the server has registered the subscription.
-                while (await pubsub.get_message(timeout=1.0)) is None:
-                    pass
-            except (RedisError, OSError) as exc:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
-                raise Unavailable("Redis did not accept the subscription") from exc
-            self._pubsub = pubsub
+            self._pubsub = await redis_subscribe(redis, channel)
             return
-        s = live._dl.settings
-        try:
-            conn = await asyncpg.connect(
-                s.database_url, timeout=s.connect_timeout_s,
-                server_settings={"application_name": f"{s.application_name}-live"})
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise Unavailable("cannot open a connection to LISTEN for status updates") from exc
-        await conn.add_listener(NOTIFY_CHANNEL, self._notified)
-        self._conn = conn
+        self._conn = await listen_connection(live._dl, NOTIFY_CHANNEL, self._notified,
+                                             purpose="status updates")
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         try:

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -78,8 +79,20 @@ def test_migrate_status_lists_applied_migrations(database_url: str) -> None:
     assert "pending" not in result.stdout
 
 
-def test_demo_shows_each_tenant_sees_only_itself(database_url: str) -> None:
-    result = cli("demo", DATABASE_URL=database_url)
+@pytest.fixture
+def fresh_database(database_url: str) -> Iterator[str]:
+    """An empty database of its own: the demo rotates every encrypted column, and the run's
+    shared database holds rows other tests deliberately tampered with."""
+    name = f"dl_demo_{uuid.uuid4().hex[:8]}"
+    url = create_database(name)
+    try:
+        yield url
+    finally:
+        drop_database(name)
+
+
+def test_demo_shows_each_tenant_sees_only_itself(fresh_database: str) -> None:
+    result = cli("demo", DATABASE_URL=fresh_database)
     assert result.returncode == 0, result.stderr
     assert "Acme's session lists: ['Acme']" in result.stdout
     assert "Acme's session reads Globex by id: None" in result.stdout

@@ -98,6 +98,8 @@ GLOBAL_BY_DESIGN: dict[str, str] = {
     "auth.recovery_code_use": "recovery code of a user id during login, no context",
     "api_keys.verify": "API-key authentication: finds the key's organization by hash",
     "api_keys.verify_until": "api_keys.verify plus the key's expiry (read-through caching)",
+    "webhooks.route": "webhook routing: finds the webhook's organization by path-token hash "
+                      "(app.webhook_route), before a context exists",
 }
 
 # Query namespaces not named after their table.
@@ -518,6 +520,14 @@ async def make_tenant(dl: DataLayer, tag: str) -> Tenant:
         await db.workflows.share(wf.id, team_id=team.id, permission="edit")
         await db.connection.execute("SELECT app.workflow_stats_record($1, $2, 'succeeded', 42)",
                                     org_id, wf.id)
+        cred = await db.credentials.create(f"{tag} cred {h}", "basic",
+                                           {"username": f"{tag}-u-{h}", "password": h},
+                                           metadata={"tag": tag})
+        await db.credentials.decrypt(cred.id)
+        hook = await db.webhooks.create(wf.id, name=f"{tag} hook {h}")
+        await db.webhooks.ingest(hook.webhook.id, idempotency_key=f"{tag}-evt-{h}",
+                                 event_type=f"{tag}.event", payload={"h": h},
+                                 source_ip="192.0.2.7")
     return Tenant(tag, org_id, owner_id, viewer_id, guest_id, email)
 
 

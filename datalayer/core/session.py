@@ -41,12 +41,15 @@ from datalayer.core.sqlfile import Query, Shape
 from datalayer.repos._base import Repository
 from datalayer.repos.api_keys import ApiKeys
 from datalayer.repos.auth import Auth
+from datalayer.repos.credentials import Credentials
 from datalayer.repos.executions import Executions
 from datalayer.repos.memberships import Memberships
+from datalayer.repos.notifications import Notifications
 from datalayer.repos.orgs import Organizations
 from datalayer.repos.permissions import Permissions
 from datalayer.repos.teams import Teams
 from datalayer.repos.users import Users
+from datalayer.repos.webhooks import Webhooks
 from datalayer.repos.workflows import Workflows
 
 if TYPE_CHECKING:
@@ -329,6 +332,18 @@ class Session:
     @property
     def executions(self) -> Executions:
         return self._repo(Executions)
+
+    @property
+    def webhooks(self) -> Webhooks:
+        return self._repo(Webhooks)
+
+    @property
+    def notifications(self) -> Notifications:
+        return self._repo(Notifications)
+
+    @property
+    def credentials(self) -> Credentials:
+        return self._repo(Credentials)
 
 
 _SHAPE_CALL: dict[Shape, Any] = {

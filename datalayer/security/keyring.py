@@ -94,6 +94,24 @@ class Keyring:
     def __repr__(self) -> str:
         return f"Keyring(active={self._active!r}, kids={list(self._ciphers)!r})"
 
+    def with_new_key(self, kid: str, key: bytes) -> Keyring:
+        """A ring whose active key is ``(kid, key)`` and that still decrypts with every key
+        of this one (what a rotation runs with)."""
+        if kid in self._ciphers:
+            raise ConfigError(f"key id {kid!r} is already in the keyring")
+        ring = Keyring([(kid, key)])
+        ring._ciphers.update(self._ciphers)
+        return ring
+
+    def with_active(self, kid: str) -> Keyring:
+        """The same keys with ``kid`` active (e.g. to rotate back to an earlier key)."""
+        if kid not in self._ciphers:
+            raise ConfigError(f"key id {kid!r} is not in the keyring")
+        ring = object.__new__(Keyring)
+        ring._ciphers = {kid: self._ciphers[kid], **self._ciphers}
+        ring._active = kid
+        return ring
+
     def encrypt(self, plaintext: bytes, *, org_id: UUID | None, table: str,
                 row_id: str | UUID, column: str) -> bytes:
         """Encrypt ``plaintext`` for one place under the active key, with a fresh random nonce."""

@@ -31,7 +31,7 @@ from datalayer import Context, DataLayer
 from datalayer.queue import WAKE_CHANNEL, Worker
 from datalayer.repos.executions import Execution
 
-from .harness import BenchContext, Scenario
+from .harness import BenchContext, Scenario, throughput
 
 __all__ = ["SCENARIOS"]
 
@@ -101,20 +101,6 @@ class ClaimState:
         default_factory=lambda: {"candidate": [], "baseline": []})
 
 
-def _rate(spans: list[tuple[float, float, int]]) -> float:
-    """Executions per second over the union of the operations' time spans."""
-    busy, end, done = 0.0, float("-inf"), 0
-    for t0, t1, n in sorted(spans):
-        done += n
-        if t0 > end:
-            busy += t1 - t0
-            end = t1
-        elif t1 > end:
-            busy += t1 - end
-            end = t1
-    return round(done / busy, 1) if busy else 0.0
-
-
 async def _claim_setup(bctx: BenchContext) -> ClaimState:
     t = await _tenant(bctx)
     await _fill(bctx.dl, t, QUEUE_FILL)
@@ -166,8 +152,8 @@ async def _claim_cycle_raw(b: BenchContext, s: ClaimState, i: int) -> None:
 async def _claim_extra(b: BenchContext, s: ClaimState) -> dict[str, Any]:
     used = sum(n for side in s.spans.values() for _, _, n in side)
     out = {"workers": WORKERS, "batch": BATCH,
-           "executions_per_s": _rate(s.spans["candidate"]),
-           "baseline_executions_per_s": _rate(s.spans["baseline"]),
+           "executions_per_s": throughput(s.spans["candidate"]),
+           "baseline_executions_per_s": throughput(s.spans["baseline"]),
            "target_executions_per_s": 3000.0}
     s.spans = {"candidate": [], "baseline": []}
     await _fill(b.dl, s.tenant, min(max(used, QUEUE_FILL // 4), 4 * QUEUE_FILL))  # untimed

@@ -43,6 +43,7 @@ __all__ = [
     "measure",
     "run",
     "select",
+    "throughput",
 ]
 
 Setup = Callable[["BenchContext"], Awaitable[Any]]
@@ -335,3 +336,18 @@ async def run(settings: Settings, names: list[str] | None, *, json_path: Path | 
         await asyncio.to_thread(json_path.write_bytes, data)
         print(f"[bench] wrote {json_path}", file=err, flush=True)
     return rows
+
+
+def throughput(spans: list[tuple[float, float, int]]) -> float:
+    """Items per second over the union of operations' (start, end, items) time spans, so
+    overlapping concurrent operations are not counted twice."""
+    busy, end, done = 0.0, float("-inf"), 0
+    for t0, t1, n in sorted(spans):
+        done += n
+        if t0 > end:
+            busy += t1 - t0
+            end = t1
+        elif t1 > end:
+            busy += t1 - end
+            end = t1
+    return round(done / busy, 1) if busy else 0.0

@@ -23,7 +23,7 @@ from typing import Any
 from datalayer import Context
 from datalayer.repos.webhooks import Incoming
 
-from .harness import BenchContext, Scenario
+from .harness import BenchContext, Scenario, throughput
 
 __all__ = ["SCENARIOS"]
 
@@ -60,20 +60,6 @@ async def _hook(bctx: BenchContext, tag: str) -> BenchHook:
 
     bctx.cleanup.push_async_callback(purge)
     return BenchHook(org, wf.id, hook.webhook.id)
-
-
-def _rate(spans: list[tuple[float, float, int]]) -> float:
-    """Events per second over the union of the operations' time spans."""
-    busy, end, done = 0.0, float("-inf"), 0
-    for t0, t1, n in sorted(spans):
-        done += n
-        if t0 > end:
-            busy += t1 - t0
-            end = t1
-        elif t1 > end:
-            busy += t1 - end
-            end = t1
-    return round(done / busy, 1) if busy else 0.0
 
 
 _HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer x",
@@ -168,8 +154,8 @@ async def _ingest_bulk_raw(b: BenchContext, s: BulkState, i: int) -> None:
 
 
 async def _bulk_extra(b: BenchContext, s: BulkState) -> dict[str, Any]:
-    out = {"batch": BULK, "events_per_s": _rate(s.spans["candidate"]),
-           "baseline_events_per_s": _rate(s.spans["baseline"]),
+    out = {"batch": BULK, "events_per_s": throughput(s.spans["candidate"]),
+           "baseline_events_per_s": throughput(s.spans["baseline"]),
            "target_events_per_s": 50_000.0}
     s.spans = {"candidate": [], "baseline": []}
     return out
@@ -257,8 +243,8 @@ async def _process_raw(b: BenchContext, s: ProcessState, i: int) -> None:
 
 async def _process_extra(b: BenchContext, s: ProcessState) -> dict[str, Any]:
     used = sum(n for side in s.spans.values() for _, _, n in side)
-    out = {"batch": BATCH, "events_per_s": _rate(s.spans["candidate"]),
-           "baseline_events_per_s": _rate(s.spans["baseline"])}
+    out = {"batch": BATCH, "events_per_s": throughput(s.spans["candidate"]),
+           "baseline_events_per_s": throughput(s.spans["baseline"])}
     s.spans = {"candidate": [], "baseline": []}
     await _fill(b, s, min(max(used, QUEUE_FILL // 4), 4 * QUEUE_FILL))  # untimed
     return out

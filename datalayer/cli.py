@@ -50,6 +50,7 @@ configuration (environment):
   DATALAYER_CACHE_BACKEND          redis | memory | postgres (redis with REDIS_URL, else memory)
   DATALAYER_CACHE_MAX_BYTES        memory cache budget (67108864)
   DATALAYER_CACHE_PREFIX           Redis key prefix of the cache (dl:cache:)
+  DATALAYER_CHANNEL_PREFIX         Redis pub/sub channel prefix (datalayer:)
   DATALAYER_CACHE_STATS_INTERVAL_S write cache_stats this often, 0 = never (60)
   DATALAYER_CACHE_LOOKUPS          read-through caching of users.get, api_keys.verify (true)
 """

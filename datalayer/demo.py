@@ -487,7 +487,7 @@ async def _notifications(dl: DataLayer, out: TextIO) -> None:
     async with dl.session(owner) as db:
         team = await db.teams.create("On-call")
         await db.teams.add_member(team.id, alice_id)
-    feed = NotificationFeed(dl, prefix=f"demo:{run}:")
+    feed = NotificationFeed(dl)
     how = "Redis pub/sub" if dl.redis is not None else "PostgreSQL NOTIFY"
     async with await feed.subscribe(alice_id) as sub:
         async with dl.session(owner) as db:

@@ -25,7 +25,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Generic, Self, TypeVar, cast
 
 import asyncpg
 import orjson
@@ -199,49 +199,56 @@ class LiveStatus:
         return sub
 
 
-class Subscription:
-    """An open subscription: ``async for update in sub`` until :meth:`close` (or the end of
-    ``async with``). One connection of its own."""
+E = TypeVar("E")
 
-    __slots__ = ("_conn", "_execution_id", "_live", "_pubsub", "_queue", "_workflow_id")
 
-    def __init__(self, live: LiveStatus, execution_id: uuid.UUID | None,
-                 workflow_id: uuid.UUID | None) -> None:
-        self._live = live
-        self._execution_id = execution_id
-        self._workflow_id = workflow_id
+class Feed(Generic[E]):
+    """One open subscription to published events, over Redis pub/sub when the DataLayer has
+    Redis, else over LISTEN on a connection of its own: ``async with`` it and ``async for``
+    over it, or ``await get(timeout_s)``. Subclasses say how to decode a message and which
+    events they want (a NOTIFY channel carries every tenant's events)."""
+
+    __slots__ = ("_conn", "_dl", "_notify_channel", "_pubsub", "_queue")
+
+    def __init__(self, dl: DataLayer, notify_channel: str) -> None:
+        self._dl = dl
+        self._notify_channel = notify_channel
         self._pubsub: PubSub | None = None
         self._conn: asyncpg.Connection | None = None
-        self._queue: asyncio.Queue[StatusUpdate] = asyncio.Queue()
+        self._queue: asyncio.Queue[E] = asyncio.Queue()
 
-    def _wanted(self, u: StatusUpdate) -> bool:
-        if self._execution_id is not None:
-            return u.execution_id == self._execution_id
-        return u.workflow_id == self._workflow_id
+    def _decode(self, data: bytes | str) -> E:
+        raise NotImplementedError
+
+    def _wanted(self, event: E) -> bool:
+        raise NotImplementedError
+
+    def _redis_channel(self) -> str:
+        raise NotImplementedError
+
+    def _event(self, data: bytes | str) -> E | None:
+        try:
+            event = self._decode(data)
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignored a malformed event", extra={"feed": type(self).__name__})
+            return None
+        return event if self._wanted(event) else None
 
     async def _open(self) -> None:
-        live = self._live
-        redis = live._dl.redis
+        redis = self._dl.redis
         if redis is not None:
-            channel = (live.execution_channel(self._execution_id)
-                       if self._execution_id is not None
-                       else live.workflow_channel(self._workflow_id))  # type: ignore[arg-type]
-            self._pubsub = await redis_subscribe(redis, channel)
+            self._pubsub = await redis_subscribe(redis, self._redis_channel())
             return
-        self._conn = await listen_connection(live._dl, NOTIFY_CHANNEL, self._notified,
-                                             purpose="status updates")
+        self._conn = await listen_connection(self._dl, self._notify_channel, self._notified,
+                                             purpose=type(self).__name__)
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
-        try:
-            update = StatusUpdate.from_json(str(payload))
-        except (ValueError, KeyError, TypeError):
-            log.warning("ignored a malformed status notification")
-            return
-        if self._wanted(update):
-            self._queue.put_nowait(update)
+        event = self._event(str(payload))
+        if event is not None:
+            self._queue.put_nowait(event)
 
-    async def get(self, timeout_s: float | None = None) -> StatusUpdate | None:
-        """The next update, or None after ``timeout_s`` seconds without one."""
+    async def get(self, timeout_s: float | None = None) -> E | None:
+        """The next event, or None after ``timeout_s`` seconds without one."""
         pubsub = self._pubsub
         if pubsub is None:
             try:
@@ -258,20 +265,20 @@ class Subscription:
             except (RedisError, OSError) as exc:
                 raise Unavailable("lost the Redis subscription") from exc
             if message is not None and message.get("type") == "message":
-                update = StatusUpdate.from_json(message["data"])
-                if self._wanted(update):
-                    return update
+                event = self._event(message["data"])
+                if event is not None:
+                    return event
             if deadline is not None and loop.time() >= deadline:
                 return None
 
-    def __aiter__(self) -> AsyncIterator[StatusUpdate]:
+    def __aiter__(self) -> AsyncIterator[E]:
         return self._iterate()
 
-    async def _iterate(self) -> AsyncIterator[StatusUpdate]:
+    async def _iterate(self) -> AsyncIterator[E]:
         while self._pubsub is not None or self._conn is not None:
-            update = await self.get(timeout_s=1.0)
-            if update is not None:
-                yield update
+            event = await self.get(timeout_s=1.0)
+            if event is not None:
+                yield event
 
     async def close(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
@@ -282,11 +289,38 @@ class Subscription:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
         if conn is not None:
             with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-                await conn.remove_listener(NOTIFY_CHANNEL, self._notified)
+                await conn.remove_listener(self._notify_channel, self._notified)
             await conn.close()
 
-    async def __aenter__(self) -> Subscription:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+class Subscription(Feed[StatusUpdate]):
+    """Status updates of one execution or of one workflow's executions."""
+
+    __slots__ = ("_execution_id", "_live", "_workflow_id")
+
+    def __init__(self, live: LiveStatus, execution_id: uuid.UUID | None,
+                 workflow_id: uuid.UUID | None) -> None:
+        super().__init__(live._dl, NOTIFY_CHANNEL)
+        self._live = live
+        self._execution_id = execution_id
+        self._workflow_id = workflow_id
+
+    def _decode(self, data: bytes | str) -> StatusUpdate:
+        return StatusUpdate.from_json(data)
+
+    def _wanted(self, u: StatusUpdate) -> bool:
+        if self._execution_id is not None:
+            return u.execution_id == self._execution_id
+        return u.workflow_id == self._workflow_id
+
+    def _redis_channel(self) -> str:
+        if self._execution_id is not None:
+            return self._live.execution_channel(self._execution_id)
+        assert self._workflow_id is not None
+        return self._live.workflow_channel(self._workflow_id)

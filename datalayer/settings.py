@@ -45,6 +45,8 @@ class Settings:
     context_mode: ContextMode = "session"
     statement_cache_size: int = 512
     application_name: str = "datalayer"
+    # Namespaces the Redis pub/sub channels the layer publishes to (notifications).
+    channel_prefix: str = "datalayer:"
     cache_backend: CacheBackend | None = None  # None: redis when redis_url is set, else memory
     cache_max_bytes: int = 64 * 1024 * 1024  # memory backend budget (values, keys, overhead)
     cache_prefix: str = "dl:cache:"  # Redis key prefix
@@ -187,6 +189,8 @@ class Settings:
                           ("ratelimit_prefix", "DATALAYER_RATELIMIT_PREFIX")):
             if e.get(var):
                 kwargs[attr] = e[var]
+        if e.get("DATALAYER_CHANNEL_PREFIX"):
+            kwargs["channel_prefix"] = e["DATALAYER_CHANNEL_PREFIX"]
         if e.get("DATALAYER_APPLICATION_NAME"):
             kwargs["application_name"] = e["DATALAYER_APPLICATION_NAME"]
         return cls(**kwargs)  # type: ignore[arg-type]

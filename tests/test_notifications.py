@@ -218,9 +218,11 @@ async def test_push_through_notify_without_redis(
 
 
 @pytest.fixture
-async def redis_dl(dl: DataLayer, redis_url: str) -> AsyncIterator[DataLayer]:
+async def redis_dl(dl: DataLayer, redis_url: str,
+                   redis_prefix: str) -> AsyncIterator[DataLayer]:
     layer = make_layer(make_settings(dl.settings.database_url, redis_url=redis_url,
-                                     pool_max_size=2, migrate_on_start=False))
+                                     pool_max_size=2, migrate_on_start=False,
+                                     channel_prefix=redis_prefix))
     await layer.start()
     yield layer
     await layer.close()
@@ -231,7 +233,7 @@ async def test_push_through_redis(
     redis_client: aioredis.Redis, redis_prefix: str,
 ) -> None:
     t, m1, m2, _, _ = await _world(make_tenant, add_member, redis_dl)
-    feed = NotificationFeed(redis_dl, prefix=redis_prefix)
+    feed = NotificationFeed(redis_dl)
     assert feed.channel(uid(m1)) == f"{redis_prefix}notifications:{uid(m1)}"
     # A listener on the raw channel sees the same message.
     raw = redis_client.pubsub()

@@ -33,7 +33,9 @@ def test_every_variable_is_read() -> None:
         "DATALAYER_MIGRATE_ON_START": "false",
         "DATALAYER_MIGRATION_LOCK_TIMEOUT_S": "5",
         "DATALAYER_CONTEXT_MODE": "transaction",
+        "DATALAYER_CHANNEL_PREFIX": "svc:",
     })
+    assert s.channel_prefix == "svc:"
     assert s.migration_url == "postgresql://admin@db:5432/x"
     assert (s.pool_min_size, s.pool_max_size, s.statement_timeout_ms) == (1, 20, 5000)
     assert (s.acquire_timeout_s, s.connect_timeout_s, s.migration_lock_timeout_s) == (2.5, 30, 5)

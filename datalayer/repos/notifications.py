@@ -18,28 +18,23 @@ user's events.
 
 from __future__ import annotations
 
-import asyncio
 import builtins
-import contextlib
 import logging
 import uuid
-import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-import asyncpg
 import orjson
 from redis.exceptions import RedisError
 
 from datalayer.core.errors import Unavailable, ValidationError
 from datalayer.core.rows import RowQuery
-from datalayer.live import listen_connection, redis_subscribe
+from datalayer.live import Feed
 from datalayer.repos._base import LAST, Repository, check_limit
 
 if TYPE_CHECKING:
-    from redis.asyncio.client import PubSub
 
     from datalayer.core.database import DataLayer
 
@@ -50,9 +45,6 @@ log = logging.getLogger("datalayer.notifications")
 
 NOTIFY_CHANNEL = "datalayer_notifications"
 PRIORITIES = ("low", "normal", "high", "urgent")
-DEFAULT_PREFIX = "datalayer:"
-# The Redis channel prefix per DataLayer, set by NotificationFeed (default DEFAULT_PREFIX).
-_PREFIXES: weakref.WeakKeyDictionary[DataLayer, str] = weakref.WeakKeyDictionary()
 
 
 def channel_for(prefix: str, user_id: uuid.UUID) -> str:
@@ -165,7 +157,7 @@ class Notifications(Repository):
                                     type=type, priority=priority, created_at=r["created_at"])
                   for r in rows]
         if redis is not None and events:
-            prefix = _PREFIXES.get(db.dl, DEFAULT_PREFIX)
+            prefix = db.dl.settings.channel_prefix
 
             async def publish() -> None:
                 try:
@@ -234,17 +226,16 @@ class Notifications(Repository):
 class NotificationFeed:
     """Subscribe a service to a user's new notifications (to stream them to clients).
 
-    ``prefix`` namespaces the Redis channels; creating a feed sets it for everything this
-    DataLayer publishes (one feed per DataLayer; tests use a per-run prefix). Without Redis
-    the feed LISTENs on ``datalayer_notifications`` and filters by user in this process.
+    Redis channels are namespaced by ``Settings.channel_prefix`` (DATALAYER_CHANNEL_PREFIX),
+    the same one the repository publishes under. Without Redis the feed LISTENs on
+    ``datalayer_notifications`` and filters by user in this process.
     """
 
     __slots__ = ("_dl", "prefix")
 
-    def __init__(self, dl: DataLayer, *, prefix: str = DEFAULT_PREFIX) -> None:
+    def __init__(self, dl: DataLayer) -> None:
         self._dl = dl
-        self.prefix = prefix
-        _PREFIXES[dl] = prefix
+        self.prefix = dl.settings.channel_prefix
 
     def channel(self, user_id: uuid.UUID) -> str:
         return channel_for(self.prefix, user_id)
@@ -258,84 +249,21 @@ class NotificationFeed:
         return sub
 
 
-class NotificationSubscription:
+class NotificationSubscription(Feed[NotificationEvent]):
     """``async for event in sub`` until :meth:`close` (or the end of ``async with``)."""
 
-    __slots__ = ("_conn", "_feed", "_pubsub", "_queue", "user_id")
+    __slots__ = ("_feed", "user_id")
 
     def __init__(self, feed: NotificationFeed, user_id: uuid.UUID) -> None:
+        super().__init__(feed._dl, NOTIFY_CHANNEL)
         self._feed = feed
         self.user_id = user_id
-        self._pubsub: PubSub | None = None
-        self._conn: asyncpg.Connection | None = None
-        self._queue: asyncio.Queue[NotificationEvent] = asyncio.Queue()
 
-    async def _open(self) -> None:
-        feed = self._feed
-        redis = feed._dl.redis
-        if redis is not None:
-            self._pubsub = await redis_subscribe(redis, feed.channel(self.user_id))
-            return
-        self._conn = await listen_connection(feed._dl, NOTIFY_CHANNEL, self._notified,
-                                             purpose="notifications")
+    def _decode(self, data: bytes | str) -> NotificationEvent:
+        return NotificationEvent.from_json(data)
 
-    def _notified(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
-        try:
-            event = NotificationEvent.from_json(str(payload))
-        except (ValueError, KeyError, TypeError):
-            log.warning("ignored a malformed notification event")
-            return
-        if event.user_id == self.user_id:
-            self._queue.put_nowait(event)
+    def _wanted(self, event: NotificationEvent) -> bool:
+        return event.user_id == self.user_id
 
-    async def get(self, timeout_s: float | None = None) -> NotificationEvent | None:
-        """The next event, or None after ``timeout_s`` seconds without one."""
-        pubsub = self._pubsub
-        if pubsub is None:
-            try:
-                return await asyncio.wait_for(self._queue.get(), timeout_s)
-            except TimeoutError:
-                return None
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout_s is None else loop.time() + timeout_s
-        while True:
-            wait = 1.0 if deadline is None else max(0.0, min(1.0, deadline - loop.time()))
-            try:
-                message = await pubsub.get_message(ignore_subscribe_messages=True,
-                                                   timeout=wait)
-            except (RedisError, OSError) as exc:
-                raise Unavailable("lost the Redis subscription") from exc
-            if message is not None and message.get("type") == "message":
-                try:
-                    return NotificationEvent.from_json(message["data"])
-                except (ValueError, KeyError, TypeError):
-                    log.warning("ignored a malformed notification event")
-            if deadline is not None and loop.time() >= deadline:
-                return None
-
-    def __aiter__(self) -> AsyncIterator[NotificationEvent]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[NotificationEvent]:
-        while self._pubsub is not None or self._conn is not None:
-            event = await self.get(timeout_s=1.0)
-            if event is not None:
-                yield event
-
-    async def close(self) -> None:
-        pubsub, self._pubsub = self._pubsub, None
-        conn, self._conn = self._conn, None
-        if pubsub is not None:
-            with contextlib.suppress(RedisError, OSError):
-                await pubsub.unsubscribe()
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
-        if conn is not None:
-            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-                await conn.remove_listener(NOTIFY_CHANNEL, self._notified)
-            await conn.close()
-
-    async def __aenter__(self) -> NotificationSubscription:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+    def _redis_channel(self) -> str:
+        return self._feed.channel(self.user_id)

@@ -40,6 +40,7 @@ from datalayer.core.rows import RowQuery
 from datalayer.core.sqlfile import Query, Shape
 from datalayer.repos._base import Repository
 from datalayer.repos.api_keys import ApiKeys
+from datalayer.repos.audit import Audit
 from datalayer.repos.auth import Auth
 from datalayer.repos.credentials import Credentials
 from datalayer.repos.executions import Executions
@@ -344,6 +345,10 @@ class Session:
     @property
     def credentials(self) -> Credentials:
         return self._repo(Credentials)
+
+    @property
+    def audit(self) -> Audit:
+        return self._repo(Audit)
 
 
 _SHAPE_CALL: dict[Shape, Any] = {

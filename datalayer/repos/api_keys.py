@@ -87,6 +87,9 @@ class ApiKeys(Repository):
             CREATE, id=uuid.uuid4(), name=name, prefix=prefix, key_hash=hash_key(secret),
             last4=secret[-4:], scopes=sorted(set(scopes or [])), expires_at=expires_at)
         assert key is not None
+        await self._db.audit.record("api_key.created", subject_user_id=key.user_id,
+                                    resource_type="api_key", resource_id=key.id,
+                                    details={"name": key.name, "scopes": key.scopes})
         return IssuedKey(key, secret)
 
     async def verify(self, secret: str) -> VerifiedKey | None:
@@ -129,4 +132,6 @@ class ApiKeys(Repository):
         revoked = await db.execrows("api_keys.revoke", id=key_id) == 1
         if revoked and db.context is not None and db.context.org_id is not None:
             await lookups.invalidate(db, lookups.api_key_tag(db.context.org_id, key_id))
+            await db.audit.record("api_key.revoked", resource_type="api_key",
+                                  resource_id=key_id)
         return revoked

@@ -123,13 +123,20 @@ class Auth(Repository):
         """
         hasher = self._db.dl.passwords
         row = await self._db.fetch_one(LOGIN_LOOKUP, email=email)
+        audit = self._db.audit
         if row is None or row.password_hash is None:
             await hasher.waste_async(password)
+            await audit.auth_event(None if row is None else row.user_id, "auth.login",
+                                   "failure", details={"reason": "invalid"})
             return LoginResult("invalid")
         if row.status != "active":
+            await audit.auth_event(row.user_id, "auth.login", "denied",
+                                   details={"reason": "suspended"})
             return LoginResult("suspended")
         now = datetime.now(UTC)
         if row.locked_until is not None and row.locked_until > now:
+            await audit.auth_event(row.user_id, "auth.login", "denied",
+                                   details={"reason": "locked"})
             return LoginResult("locked", locked_until=row.locked_until)
         if not await hasher.verify_async(row.password_hash, password):
             return await self._failed(row.user_id, "invalid")
@@ -144,13 +151,18 @@ class Auth(Repository):
         await self._db.scalar("auth.record_login", user_id=row.user_id, success=True,
                               old_hash=row.password_hash, new_hash=new_hash)
         await lookups.invalidate(self._db, lookups.user_tag(row.user_id))
+        await audit.auth_event(row.user_id, "auth.login", "success")
         return LoginResult("ok", user_id=row.user_id)
 
     async def _failed(self, user_id: uuid.UUID, outcome: LoginOutcome) -> LoginResult:
         locked = await self._db.scalar("auth.record_login", user_id=user_id, success=False,
                                        old_hash=None, new_hash=None)
         await lookups.invalidate(self._db, lookups.user_tag(user_id))
+        audit = self._db.audit
+        await audit.auth_event(user_id, "auth.login", "failure", details={"reason": outcome})
         if locked is not None and locked > datetime.now(UTC):
+            await audit.auth_event(user_id, "auth.lockout", "success",
+                                   details={"until": locked.isoformat()})
             return LoginResult("locked", locked_until=locked)
         return LoginResult(outcome)
 

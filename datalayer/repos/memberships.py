@@ -56,6 +56,9 @@ class Memberships(Repository):
         m = await self._db.fetch_one(ADD, user_id=user_id, role=_role(role))
         assert m is not None
         await self._changed(user_id)
+        await self._db.audit.record("membership.added", subject_user_id=user_id,
+                                    resource_type="membership", resource_id=user_id,
+                                    details={"role": m.role})
         return m
 
     async def get(self, user_id: uuid.UUID) -> Membership | None:
@@ -78,12 +81,17 @@ class Memberships(Repository):
             raise NotFound("membership not found or not changeable by this role",
                            query=SET_ROLE.name)
         await self._changed(user_id)
+        await self._db.audit.record("membership.role_changed", subject_user_id=user_id,
+                                    resource_type="membership", resource_id=user_id,
+                                    details={"role": m.role})
         return m
 
     async def remove(self, user_id: uuid.UUID) -> bool:
         removed = await self._db.execrows("memberships.remove", user_id=user_id) == 1
         if removed:
             await self._changed(user_id)
+            await self._db.audit.record("membership.removed", subject_user_id=user_id,
+                                        resource_type="membership", resource_id=user_id)
         return removed
 
     async def _changed(self, user_id: uuid.UUID) -> None:

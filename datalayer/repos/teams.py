@@ -74,7 +74,11 @@ class Teams(Repository):
         return team
 
     async def delete(self, team_id: uuid.UUID) -> bool:
-        return await self._db.execrows("teams.delete", id=team_id) == 1
+        deleted = await self._db.execrows("teams.delete", id=team_id) == 1
+        if deleted:
+            await self._db.audit.record("team.deleted", resource_type="team",
+                                        resource_id=team_id)
+        return deleted
 
     async def add_member(self, team_id: uuid.UUID, user_id: uuid.UUID,
                          team_role: str = "member") -> TeamMember:
@@ -85,11 +89,18 @@ class Teams(Repository):
         member = await self._db.fetch_one(ADD_MEMBER, team_id=team_id, user_id=user_id,
                                           team_role=team_role)
         assert member is not None
+        await self._db.audit.record("team.member_added", subject_user_id=user_id,
+                                    resource_type="team", resource_id=team_id,
+                                    details={"team_role": team_role})
         return member
 
     async def remove_member(self, team_id: uuid.UUID, user_id: uuid.UUID) -> bool:
-        return await self._db.execrows("teams.remove_member", team_id=team_id,
-                                       user_id=user_id) == 1
+        removed = await self._db.execrows("teams.remove_member", team_id=team_id,
+                                          user_id=user_id) == 1
+        if removed:
+            await self._db.audit.record("team.member_removed", subject_user_id=user_id,
+                                        resource_type="team", resource_id=team_id)
+        return removed
 
     async def members(self, team_id: uuid.UUID) -> builtins.list[TeamMember]:
         return await self._db.fetch_many(MEMBERS, team_id=team_id)

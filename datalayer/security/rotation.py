@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from datalayer.core.errors import DataLayerError
+from datalayer.repos.audit import GLOBAL_ORG
 from datalayer.security.keyring import DecryptionError, Keyring
 
 if TYPE_CHECKING:
@@ -221,6 +222,19 @@ async def _pass(dl: DataLayer, col: EncryptedColumn, report: RotationReport, *, 
     return skipped
 
 
+async def _audit_rotation(dl: DataLayer, report: RotationReport, *, org_id: UUID | None,
+                          complete: bool) -> None:
+    """One 'security.key_rotated' audit event: in the organization's chain for a
+    one-tenant rotation, in the global chain otherwise."""
+    async with dl.system() as db:
+        await db.audit.record(
+            "security.key_rotated", result="success" if complete else "failure",
+            org_id=org_id or GLOBAL_ORG, resource_type="keyring",
+            resource_id=report.active_kid,
+            details={"rotated": report.total_rotated, "failed": report.failed,
+                     "passes": report.passes})
+
+
 async def rotate(dl: DataLayer, *, batch: int = 500, progress: Progress | None = None,
                  check: bool = True, org_id: UUID | None = None) -> RotationReport:
     """Re-encrypt every registered encrypted column under ``dl.keyring.active_kid``.
@@ -253,6 +267,7 @@ async def rotate(dl: DataLayer, *, batch: int = 500, progress: Progress | None =
             break
     report.seconds = time.monotonic() - started
     log.info("key rotation finished", extra=report.as_dict())
+    await _audit_rotation(dl, report, org_id=org_id, complete=not left)
     if check and left:
         raise RotationIncomplete(
             f"rows still under a key other than {report.active_kid!r}: "

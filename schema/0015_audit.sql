@@ -148,6 +148,10 @@ CREATE TABLE app.audit_heads (
   PRIMARY KEY (org_id, chain)
 );
 ALTER TABLE app.audit_heads SET (fillfactor = 50);
+-- Reached only by the SECURITY DEFINER chain functions (owner: the maintenance role).
+ALTER TABLE app.audit_heads ENABLE ROW LEVEL SECURITY;
+ALTER TABLE app.audit_heads FORCE ROW LEVEL SECURITY;
+CREATE POLICY audit_heads_none ON app.audit_heads USING (false);
 
 -- Canonical encodings and hashes (IMMUTABLE, used by the triggers and by verification) ----------
 CREATE FUNCTION app.epoch_us(p timestamptz) RETURNS bigint
@@ -312,8 +316,7 @@ BEGIN
   IF v_org IS NOT NULL THEN
     -- A tenant session: its own organization, and the context says who, where, which request.
     IF NEW.org_id IS DISTINCT FROM v_org THEN
-      RAISE EXCEPTION 'an audit event belongs to the context organization'
-        USING ERRCODE = 'insufficient_privilege', TABLE = 'audit_events';
+      RETURN NEW;  -- another organization's chain is not touched: the RLS check refuses the row
     END IF;
     NEW.actor_user_id := app.user_id();
     NEW.request_id := app.request_id();
@@ -348,33 +351,32 @@ CREATE TRIGGER audit_events_before_insert BEFORE INSERT ON audit_events
   FOR EACH ROW EXECUTE FUNCTION app.audit_events_before_insert();
 
 -- Change capture ----------------------------------------------------------------------------------
--- Statement-level (transition tables): one chain-head update per statement and organization,
--- so a bulk UPDATE of n rows costs one dynamic query, one head update and one INSERT of n rows.
-CREATE FUNCTION app.audit_capture_rows() RETURNS trigger
+-- Statement-level triggers (transition tables): one chain-head update per statement and
+-- organization, so a bulk UPDATE of n rows costs one query, one head update and one INSERT of
+-- n change rows. app.audit_capture(table) generates a trigger function for the table
+-- (app.audit_capture__<table>) with its primary key, organization column, secret and personal
+-- columns compiled into static SQL, so PL/pgSQL caches its plans (a generic function would
+-- re-plan a dynamic query on every statement). The registries re-generate the functions of
+-- captured tables whenever they change (triggers below), so a column registered as secret is
+-- never copied afterwards.
+
+-- Append the change rows of one statement (arrays in organization, key order) to the chains.
+CREATE FUNCTION app.audit_append_changes(p_table text, p_op text, p_orgs uuid[], p_pks jsonb[],
+                                         p_changed text[], p_before jsonb[], p_after jsonb[],
+                                         p_personal jsonb[])
+RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS $$
 DECLARE
-  v_cfg app.audit_tables%ROWTYPE;
-  v_secret text[];
-  v_personal text[];
-  v_pk text;
-  v_org text;
-  v_sql text;
-  v_rows record;
-  v_frameworks text[];
+  v_frameworks text[] := (app.audit_classify('change.' || p_table, 'success')).frameworks;
   v_actor uuid := app.user_id();
   v_request text := app.request_id();
+  v_n integer := cardinality(p_orgs);
   v_cur uuid;
-  v_first bigint;
+  v_seq bigint;
   v_prev bytea;
-  v_orgs uuid[] := '{}';
   v_seqs bigint[] := '{}';
   v_ids uuid[] := '{}';
   v_ats timestamptz[] := '{}';
-  v_pks jsonb[] := '{}';
-  v_changed text[] := '{}';    -- each element: the changed columns as a text literal array
-  v_befores jsonb[] := '{}';
-  v_afters jsonb[] := '{}';
-  v_personals jsonb[] := '{}';
   v_salts bytea[] := '{}';
   v_commits bytea[] := '{}';
   v_prevs bytea[] := '{}';
@@ -385,132 +387,152 @@ DECLARE
   v_commit bytea;
   v_hash bytea;
 BEGIN
-  SELECT * INTO v_cfg FROM app.audit_tables WHERE table_name = TG_TABLE_NAME;
-  IF NOT FOUND THEN
-    RETURN NULL;
-  END IF;
-  SELECT coalesce(array_agg(column_name), '{}') INTO v_secret FROM (
-    SELECT column_name FROM app.secret_columns WHERE table_name = TG_TABLE_NAME
-    UNION SELECT column_name FROM app.encrypted_columns WHERE table_name = TG_TABLE_NAME) s;
-  SELECT coalesce(array_agg(column_name), '{}') INTO v_personal FROM app.personal_columns
-  WHERE table_name IN (TG_TABLE_NAME, '*');
-  -- The primary key as jsonb, over a row alias substituted for ROWX.
-  SELECT 'jsonb_build_object(' || string_agg(format('%L, ROWX->%L', c, c), ', ') || ')'
-  INTO v_pk FROM unnest(v_cfg.pk_columns) c;
-  v_org := CASE WHEN v_cfg.org_column IS NULL THEN 'NULL::uuid'
-                ELSE format('(ROWX->>%L)::uuid', v_cfg.org_column) END;
-  v_frameworks := (app.audit_classify('change.' || TG_TABLE_NAME, 'success')).frameworks;
-  -- (org, pk, changed columns, before, after): full rows minus secrets, then split into
-  -- non-personal and personal parts.
-  IF TG_OP = 'INSERT' THEN
-    v_sql := format('SELECT %s AS org, %s AS pk, ARRAY(SELECT jsonb_object_keys(r)) AS changed, '
-                    'NULL::jsonb AS b, r - $1 AS a FROM (SELECT to_jsonb(n) AS r FROM new_rows n) x',
-                    replace(v_org, 'ROWX', 'r'), replace(v_pk, 'ROWX', 'r'));
-  ELSIF TG_OP = 'DELETE' THEN
-    v_sql := format('SELECT %s AS org, %s AS pk, NULL::text[] AS changed, r - $1 AS b, '
-                    'NULL::jsonb AS a FROM (SELECT to_jsonb(o) AS r FROM old_rows o) x',
-                    replace(v_org, 'ROWX', 'r'), replace(v_pk, 'ROWX', 'r'));
-  ELSE
-    v_sql := format(
-      'SELECT %s AS org, pk, d.changed, '
-      '       (SELECT jsonb_object_agg(k, o.r->k) FROM unnest(d.changed) k WHERE k <> ALL($1)) AS b, '
-      '       (SELECT jsonb_object_agg(k, n.r->k) FROM unnest(d.changed) k WHERE k <> ALL($1)) AS a '
-      'FROM (SELECT to_jsonb(o) AS r FROM old_rows o) o '
-      'JOIN (SELECT x.r, %s AS pk FROM (SELECT to_jsonb(n) AS r FROM new_rows n) x) n '
-      '  ON %s = n.pk '
-      'CROSS JOIN LATERAL (SELECT array_agg(e.key ORDER BY e.key) AS changed '
-      '                    FROM jsonb_each(n.r) e WHERE e.value IS DISTINCT FROM o.r->e.key) d '
-      'WHERE d.changed IS NOT NULL',
-      replace(v_org, 'ROWX', 'n.r'), replace(v_pk, 'ROWX', 'x.r'),
-      replace(v_pk, 'ROWX', 'o.r'));
-  END IF;
-  v_sql := 'SELECT coalesce(org, app.org_id(), ''00000000-0000-0000-0000-000000000000''::uuid) AS org, '
-           'pk, changed, b - $2 AS b, a - $2 AS a, '
-           'CASE WHEN (b ?| $2) OR (a ?| $2) THEN jsonb_strip_nulls(jsonb_build_object('
-           '  ''before'', (SELECT jsonb_object_agg(k, v) FROM jsonb_each(b) AS e(k, v) WHERE k = ANY($2)), '
-           '  ''after'', (SELECT jsonb_object_agg(k, v) FROM jsonb_each(a) AS e(k, v) WHERE k = ANY($2)))) '
-           'END AS p '
-           'FROM (' || v_sql || ') s ORDER BY 1, 2';
-  v_cur := NULL;
-  FOR v_rows IN EXECUTE v_sql USING v_secret, v_personal LOOP
-    IF v_cur IS DISTINCT FROM v_rows.org THEN
+  FOR i IN 1 .. v_n LOOP
+    IF v_cur IS DISTINCT FROM p_orgs[i] THEN
       IF v_cur IS NOT NULL THEN
-        UPDATE app.audit_heads SET seq = v_first - 1, head = v_prev
+        UPDATE app.audit_heads SET seq = v_seq - 1, head = v_prev
         WHERE org_id = v_cur AND chain = 'changes';
       END IF;
-      v_cur := v_rows.org;
-      -- Lock the head (taking no position yet): first = last seq + 1, prev = head hash.
-      SELECT t.first_seq, t.prev INTO v_first, v_prev FROM app.audit_take(v_cur, 'changes', 0) t;
+      v_cur := p_orgs[i];
+      -- Lock the head (taking no position yet): next seq and the head hash.
+      SELECT t.first_seq, t.prev INTO v_seq, v_prev FROM app.audit_take(v_cur, 'changes', 0) t;
     END IF;
     v_id := gen_random_uuid();
     v_at := clock_timestamp();
-    v_salt := CASE WHEN v_rows.p IS NULL THEN NULL ELSE uuid_send(gen_random_uuid()) END;
-    v_commit := app.audit_commit(v_salt, NULL, NULL, v_rows.p);
-    v_hash := app.audit_change_hash(v_prev, v_cur, v_first, v_id, v_at, TG_TABLE_NAME, v_rows.pk,
-                                    TG_OP, v_actor, v_request, v_rows.changed, v_frameworks,
-                                    v_rows.b, v_rows.a, v_commit);
-    v_orgs := v_orgs || v_cur; v_seqs := v_seqs || v_first; v_ids := v_ids || v_id;
-    v_ats := v_ats || v_at; v_pks := v_pks || v_rows.pk;
-    v_changed := v_changed || coalesce(v_rows.changed::text, 'NULL');
-    v_befores := v_befores || v_rows.b; v_afters := v_afters || v_rows.a;
-    v_personals := v_personals || v_rows.p; v_salts := v_salts || v_salt;
-    v_commits := v_commits || v_commit; v_prevs := v_prevs || v_prev; v_hashes := v_hashes || v_hash;
+    v_salt := CASE WHEN p_personal[i] IS NULL THEN NULL ELSE uuid_send(gen_random_uuid()) END;
+    v_commit := app.audit_commit(v_salt, NULL, NULL, p_personal[i]);
+    v_hash := app.audit_change_hash(v_prev, v_cur, v_seq, v_id, v_at, p_table, p_pks[i], p_op,
+                                    v_actor, v_request, p_changed[i]::text[], v_frameworks,
+                                    p_before[i], p_after[i], v_commit);
+    v_seqs[i] := v_seq; v_ids[i] := v_id; v_ats[i] := v_at; v_salts[i] := v_salt;
+    v_commits[i] := v_commit; v_prevs[i] := v_prev; v_hashes[i] := v_hash;
     v_prev := v_hash;
-    v_first := v_first + 1;
+    v_seq := v_seq + 1;
   END LOOP;
   IF v_cur IS NULL THEN
-    RETURN NULL;
+    RETURN;
   END IF;
-  UPDATE app.audit_heads SET seq = v_first - 1, head = v_prev
+  UPDATE app.audit_heads SET seq = v_seq - 1, head = v_prev
   WHERE org_id = v_cur AND chain = 'changes';
   INSERT INTO data_changes (org_id, seq, id, at, table_name, row_pk, op, actor_user_id,
                             request_id, changed_columns, frameworks, before, after, personal,
                             pii_salt, pii_commit, prev_hash, row_hash)
-  SELECT u.org, u.seq, u.id, u.at, TG_TABLE_NAME, u.pk, TG_OP, v_actor, v_request,
-         nullif(u.changed, 'NULL')::text[], v_frameworks, u.b, u.a, u.p, u.salt, u.cmt,
-         u.prev, u.hash
-  FROM unnest(v_orgs, v_seqs, v_ids, v_ats, v_pks, v_changed, v_befores, v_afters, v_personals,
+  SELECT u.org, u.seq, u.id, u.at, p_table, u.pk, p_op, v_actor, v_request, u.changed::text[],
+         v_frameworks, u.b, u.a, u.p, u.salt, u.cmt, u.prev, u.hash
+  FROM unnest(p_orgs, v_seqs, v_ids, v_ats, p_pks, p_changed, p_before, p_after, p_personal,
               v_salts, v_commits, v_prevs, v_hashes)
        AS u(org, seq, id, at, pk, changed, b, a, p, salt, cmt, prev, hash);
-  RETURN NULL;
 END $$;
 
--- Opt a table into change capture: CALL app.audit_capture('table_name');
+-- Opt a table into change capture: CALL app.audit_capture('table_name'); (again to refresh).
 CREATE PROCEDURE app.audit_capture(p_table text)
 LANGUAGE plpgsql SET search_path = pg_catalog, public, pg_temp AS $$
 DECLARE
   v_rel regclass := to_regclass(format('public.%I', p_table));
-  v_pk text[];
+  v_fn text := format('app.%I', 'audit_capture__' || p_table);
+  v_pk_cols text[];
+  v_org_col text;
+  v_secret text;
+  v_personal text;
+  v_pk text;
   v_org text;
+  v_ins text;
+  v_del text;
+  v_upd text;
+  v_wrap text;
 BEGIN
   IF v_rel IS NULL THEN
     RAISE EXCEPTION 'no table public.% to capture', p_table USING ERRCODE = 'undefined_table';
   END IF;
-  SELECT array_agg(a.attname::text ORDER BY k.n) INTO v_pk
+  SELECT array_agg(a.attname::text ORDER BY k.n) INTO v_pk_cols
   FROM pg_index i
   CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n)
   JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
   WHERE i.indrelid = v_rel AND i.indisprimary;
-  IF v_pk IS NULL THEN
+  IF v_pk_cols IS NULL THEN
     RAISE EXCEPTION 'table % has no primary key to capture by', p_table
       USING ERRCODE = 'invalid_table_definition';
   END IF;
-  v_org := CASE WHEN p_table = 'organizations' THEN 'id'
-                WHEN EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = v_rel
-                             AND attname = 'org_id' AND NOT attisdropped) THEN 'org_id' END;
-  INSERT INTO app.audit_tables (table_name, pk_columns, org_column) VALUES (p_table, v_pk, v_org)
+  v_org_col := CASE WHEN p_table = 'organizations' THEN 'id'
+                    WHEN EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = v_rel
+                                 AND attname = 'org_id' AND NOT attisdropped) THEN 'org_id' END;
+  INSERT INTO app.audit_tables (table_name, pk_columns, org_column)
+  VALUES (p_table, v_pk_cols, v_org_col)
   ON CONFLICT (table_name) DO UPDATE SET pk_columns = EXCLUDED.pk_columns,
                                          org_column = EXCLUDED.org_column;
+  SELECT quote_literal(coalesce(array_agg(column_name ORDER BY column_name), '{}')::text)
+         || '::text[]' INTO v_secret FROM (
+    SELECT column_name FROM app.secret_columns WHERE table_name = p_table
+    UNION SELECT column_name FROM app.encrypted_columns WHERE table_name = p_table) s;
+  SELECT quote_literal(coalesce(array_agg(column_name ORDER BY column_name), '{}')::text)
+         || '::text[]' INTO v_personal
+  FROM app.personal_columns WHERE table_name IN (p_table, '*');
+  -- The primary key as jsonb, and the organization, over a row alias substituted for ROWX.
+  SELECT 'jsonb_build_object(' || string_agg(format('%L, ROWX->%L', c, c), ', ') || ')'
+  INTO v_pk FROM unnest(v_pk_cols) c;
+  v_org := CASE WHEN v_org_col IS NULL THEN 'NULL::uuid'
+                ELSE format('(ROWX->>%L)::uuid', v_org_col) END;
+  -- (org, pk, changed, before, after): rows minus secrets; updates: changed columns only.
+  v_ins := format('SELECT %s AS org, %s AS pk, ARRAY(SELECT jsonb_object_keys(r)) AS changed, '
+                  'NULL::jsonb AS b, r - %s AS a FROM (SELECT to_jsonb(n) AS r FROM new_rows n) x',
+                  replace(v_org, 'ROWX', 'r'), replace(v_pk, 'ROWX', 'r'), v_secret);
+  v_del := format('SELECT %s AS org, %s AS pk, NULL::text[] AS changed, r - %s AS b, '
+                  'NULL::jsonb AS a FROM (SELECT to_jsonb(o) AS r FROM old_rows o) x',
+                  replace(v_org, 'ROWX', 'r'), replace(v_pk, 'ROWX', 'r'), v_secret);
+  v_upd := format(
+    'SELECT %s AS org, n.pk, d.changed, '
+    '       (SELECT jsonb_object_agg(k, o.r->k) FROM unnest(d.changed) k WHERE k <> ALL(%s)) AS b, '
+    '       (SELECT jsonb_object_agg(k, n.r->k) FROM unnest(d.changed) k WHERE k <> ALL(%s)) AS a '
+    'FROM (SELECT to_jsonb(o) AS r FROM old_rows o) o '
+    'JOIN (SELECT x.r, %s AS pk FROM (SELECT to_jsonb(n) AS r FROM new_rows n) x) n '
+    '  ON %s = n.pk '
+    'CROSS JOIN LATERAL (SELECT array_agg(e.key ORDER BY e.key) AS changed '
+    '                    FROM jsonb_each(n.r) e WHERE e.value IS DISTINCT FROM o.r->e.key) d '
+    'WHERE d.changed IS NOT NULL',
+    replace(v_org, 'ROWX', 'n.r'), v_secret, v_secret, replace(v_pk, 'ROWX', 'x.r'),
+    replace(v_pk, 'ROWX', 'o.r'));
+  -- Split personal columns out, order by (org, pk), aggregate into the arrays of one call.
+  v_wrap := 'SELECT array_agg(org ORDER BY org, pk::text) AS orgs, '
+            '       array_agg(pk ORDER BY org, pk::text) AS pks, '
+            '       array_agg(changed::text ORDER BY org, pk::text) AS changed, '
+            '       array_agg(b - %2$s ORDER BY org, pk::text) AS b, '
+            '       array_agg(a - %2$s ORDER BY org, pk::text) AS a, '
+            '       array_agg(CASE WHEN (b ?| %2$s) OR (a ?| %2$s) THEN jsonb_strip_nulls('
+            '         jsonb_build_object(''before'', (SELECT jsonb_object_agg(k, v) '
+            '           FROM jsonb_each(b) AS e(k, v) WHERE k = ANY(%2$s)), '
+            '         ''after'', (SELECT jsonb_object_agg(k, v) '
+            '           FROM jsonb_each(a) AS e(k, v) WHERE k = ANY(%2$s)))) END '
+            '         ORDER BY org, pk::text) AS p '
+            'FROM (SELECT coalesce(org, app.org_id(), '
+            '                      ''00000000-0000-0000-0000-000000000000''::uuid) AS org, '
+            '             pk, changed, b, a FROM (%1$s) s0) s';
+  EXECUTE format(
+    'CREATE OR REPLACE FUNCTION %s() RETURNS trigger '
+    'LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS %s',
+    v_fn, quote_literal(format(
+      'DECLARE v_agg record; BEGIN '
+      'IF TG_OP = ''INSERT'' THEN %s INTO v_agg; '
+      'ELSIF TG_OP = ''UPDATE'' THEN %s INTO v_agg; '
+      'ELSE %s INTO v_agg; END IF; '
+      'IF v_agg.orgs IS NOT NULL THEN '
+      '  PERFORM app.audit_append_changes(TG_TABLE_NAME, TG_OP, v_agg.orgs, v_agg.pks, '
+      '                                   v_agg.changed, v_agg.b, v_agg.a, v_agg.p); '
+      'END IF; '
+      'RETURN NULL; END',
+      format(v_wrap, v_ins, v_personal), format(v_wrap, v_upd, v_personal),
+      format(v_wrap, v_del, v_personal))));
+  EXECUTE format('ALTER FUNCTION %s() OWNER TO datalayer_maint', v_fn);
+  EXECUTE format('REVOKE ALL ON FUNCTION %s() FROM PUBLIC', v_fn);
   EXECUTE format('DROP TRIGGER IF EXISTS audit_capture_insert ON %s', v_rel);
   EXECUTE format('DROP TRIGGER IF EXISTS audit_capture_update ON %s', v_rel);
   EXECUTE format('DROP TRIGGER IF EXISTS audit_capture_delete ON %s', v_rel);
   EXECUTE format('CREATE TRIGGER audit_capture_insert AFTER INSERT ON %s REFERENCING NEW TABLE '
-                 'AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION app.audit_capture_rows()', v_rel);
+                 'AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()', v_rel, v_fn);
   EXECUTE format('CREATE TRIGGER audit_capture_update AFTER UPDATE ON %s REFERENCING OLD TABLE '
                  'AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT '
-                 'EXECUTE FUNCTION app.audit_capture_rows()', v_rel);
+                 'EXECUTE FUNCTION %s()', v_rel, v_fn);
   EXECUTE format('CREATE TRIGGER audit_capture_delete AFTER DELETE ON %s REFERENCING OLD TABLE '
-                 'AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION app.audit_capture_rows()', v_rel);
+                 'AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()', v_rel, v_fn);
 END $$;
 
 -- Stop capturing a table (its change rows stay).
@@ -524,8 +546,27 @@ BEGIN
     EXECUTE format('DROP TRIGGER IF EXISTS audit_capture_update ON %s', v_rel);
     EXECUTE format('DROP TRIGGER IF EXISTS audit_capture_delete ON %s', v_rel);
   END IF;
+  EXECUTE format('DROP FUNCTION IF EXISTS app.%I()', 'audit_capture__' || p_table);
   DELETE FROM app.audit_tables WHERE table_name = p_table;
 END $$;
+
+-- A registry changed: re-generate the capture functions of the captured tables it names.
+CREATE FUNCTION app.audit_registry_changed() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, public, pg_temp AS $$
+DECLARE
+  t text;
+BEGIN
+  FOR t IN SELECT a.table_name FROM app.audit_tables a ORDER BY 1 LOOP
+    CALL app.audit_capture(t);
+  END LOOP;
+  RETURN NULL;
+END $$;
+CREATE TRIGGER audit_registry_changed AFTER INSERT OR UPDATE OR DELETE ON app.secret_columns
+  FOR EACH STATEMENT EXECUTE FUNCTION app.audit_registry_changed();
+CREATE TRIGGER audit_registry_changed AFTER INSERT OR UPDATE OR DELETE ON app.personal_columns
+  FOR EACH STATEMENT EXECUTE FUNCTION app.audit_registry_changed();
+CREATE TRIGGER audit_registry_changed AFTER INSERT OR UPDATE OR DELETE ON app.encrypted_columns
+  FOR EACH STATEMENT EXECUTE FUNCTION app.audit_registry_changed();
 
 -- Events written by the database itself --------------------------------------------------------
 -- Credential decrypt: credentials.decrypt inserts a credential_access row in the same statement;
@@ -893,7 +934,8 @@ DECLARE
   f text;
 BEGIN
   FOREACH f IN ARRAY ARRAY[
-    'app.audit_events_before_insert()', 'app.audit_capture_rows()',
+    'app.audit_events_before_insert()',
+    'app.audit_append_changes(text, text, uuid[], jsonb[], text[], jsonb[], jsonb[], jsonb[])',
     'app.audit_credential_access()', 'app.audit_execution_control()',
     'app.audit_auth_event(uuid, text, text, inet, text, jsonb)',
     'app.audit_redact_subject(uuid, uuid)', 'app.audit_retention_cut(uuid, text)',
@@ -914,6 +956,7 @@ REVOKE ALL ON FUNCTION app.audit_classify(text, text), app.audit_risk(text, text
                                              text, uuid, text, text[], text[], jsonb, jsonb,
                                              bytea),
                        app.audit_bypass(), app.audit_guard(), app.audit_no_truncate(),
+                       app.audit_registry_changed(),
                        app.audit_keep_days(uuid, text, text[])
   FROM PUBLIC;
 REVOKE ALL ON PROCEDURE app.audit_capture(text), app.audit_uncapture(text) FROM PUBLIC;

@@ -49,7 +49,7 @@ async def test_update_has_one_change_row_with_only_changed_columns(
     # (updated_at = now() is the transaction's time: unchanged within one transaction)
     assert upd.changed_columns == ["description"]
     assert upd.before == {"description": "first"} and upd.after == {"description": "second"}
-    assert ins.after["name"] == "Ops" and ins.before is None
+    assert ins.after is not None and ins.after["name"] == "Ops" and ins.before is None
     assert upd.actor_user_id == t.owner_id and upd.request_id == "req-capture-1"
     assert upd.seq == ins.seq + 1
 

@@ -77,6 +77,8 @@ GLOBAL_UNIQUE_KEYS: dict[str, str] = {
 DEFINER_ONLY_TABLES: dict[str, str] = {
     "auth_tokens": "global token store (user tokens have no organization); reached only "
                    "through the SECURITY DEFINER login-path functions",
+    "audit_heads": "audit hash-chain heads and retention checkpoints (app schema); reached "
+                   "only through the SECURITY DEFINER audit triggers and functions",
 }
 
 # Tables datalayer_app reaches that have no org_id: global by design. The value selects the
@@ -100,6 +102,8 @@ GLOBAL_BY_DESIGN: dict[str, str] = {
     "api_keys.verify_until": "api_keys.verify plus the key's expiry (read-through caching)",
     "webhooks.route": "webhook routing: finds the webhook's organization by path-token hash "
                       "(app.webhook_route), before a context exists",
+    "audit.auth_event": "login-path audit event for a user id, before a context exists "
+                        "(app.audit_auth_event refuses a tenant context)",
 }
 
 # Query namespaces not named after their table.

@@ -82,7 +82,7 @@ class AuditEvent:
     user_agent: str | None
     request_id: str | None
     details: Any
-    personal: Any
+    personal: Any | None
     redacted_at: datetime | None
     row_hash: bytes = field(repr=False)
 
@@ -100,9 +100,9 @@ class DataChange:
     request_id: str | None
     changed_columns: list[str] | None
     frameworks: list[str]
-    before: Any
-    after: Any
-    personal: Any
+    before: Any | None
+    after: Any | None
+    personal: Any | None
     redacted_at: datetime | None
 
 

@@ -1,12 +1,12 @@
 """Audit scenarios: change-capture overhead, queries at 1,000,000 rows, chain verification.
 
-* ``audit.capture_overhead``: one operation inserts a workflow-shaped row (10 nodes) and
-  updates it (name and nodes), in one transaction, under a tenant context. The candidate
-  writes a table under change capture (``CALL app.audit_capture``), the baseline the same
-  statements on an identical table without it; both are clones of ``workflows`` (columns,
-  defaults, constraints, indexes) made by the setup, so the ratio is the capture's cost
-  alone. Operations spread over ``ORGS`` (64) organizations (the chain serializes writers
-  of one organization). Target ratio <= 1.40.
+* ``audit.capture_overhead``: one operation creates a workflow (10 nodes) and updates it
+  (name and nodes: a second version), in one transaction, under an owner context, with the
+  registry's SQL on raw asyncpg. The candidate runs on the bench database (workflows and
+  workflow_versions captured), the baseline on a second database, ``<bench>_nocapture``,
+  migrated the same way with those two tables uncaptured. Operations spread over ``ORGS``
+  (64) organizations (the chain serializes writers of one organization). Target ratio
+  <= 1.40.
 * ``audit.query_by_resource``: ``db.audit.by_resource`` (first page of 50, newest first)
   in a read-only owner session, with ``SEED_ROWS`` (1,000,000) audit rows seeded server-side
   over 10 organizations and 2 months; baseline: the same SQL on raw asyncpg. Target p99 < 5 ms.
@@ -19,15 +19,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
+
 from datalayer import Context
+from datalayer.core import migrations
+from datalayer.core.database import _init_connection
+from datalayer.core.resources import resource_dir
 from datalayer.repos.audit import verify_chain
 
-from .harness import BenchContext, Scenario
+from .harness import POOL_SIZE, BenchContext, Scenario
 
 __all__ = ["SCENARIOS"]
 
@@ -46,62 +53,83 @@ def _org(i: int, tag: str) -> uuid.UUID:
 
 
 # -- capture overhead ------------------------------------------------------------------------
+# Candidate and baseline run the same registry SQL (workflows.create, then workflows.update
+# changing name and nodes: a new version) on raw asyncpg under the same kind of context, the
+# candidate on the bench database, the baseline on a second database migrated the same way
+# where workflows and workflow_versions are not captured (app.audit_uncapture). Both pay the
+# workflow triggers (content hash, versions); the ratio is what change capture adds.
 
 @dataclass
 class CaptureState:
     ctxs: list[str]
-    insert: dict[str, str]
-    update: dict[str, str]
+    create: tuple[str, tuple[str, ...]]
+    update: tuple[str, tuple[str, ...]]
+    plain: asyncpg.Pool
 
 
-_CLONE = """
-CREATE TABLE IF NOT EXISTS {name} (LIKE workflows INCLUDING DEFAULTS INCLUDING CONSTRAINTS
-                                   INCLUDING INDEXES INCLUDING GENERATED)
-"""
+async def _tenants(conn: Any) -> list[str]:
+    ctxs = []
+    for i in range(ORGS):
+        org, user = _org(i, "capture"), _org(i, "capture-owner")
+        async with conn.transaction():
+            await conn.execute(
+                "INSERT INTO organizations (id, slug, name) VALUES ($1, $2, 'audit bench') "
+                "ON CONFLICT DO NOTHING", org, f"bench-audit-{org.hex[:12]}")
+            await conn.execute(
+                "INSERT INTO users (id, email) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                user, f"o-{user.hex[:12]}@bench.test")
+            await conn.execute(
+                "INSERT INTO memberships (org_id, user_id, role) VALUES ($1, $2, 'owner') "
+                "ON CONFLICT DO NOTHING", org, user)
+        ctxs.append(Context(org, user_id=user, role="owner", request_id=f"bench-{i}").local_sql)
+    return ctxs
 
 
 async def _capture_setup(bctx: BenchContext) -> CaptureState:
+    base = bctx.settings.database_url
+    name = base.rsplit("/", 1)[1].split("?")[0] + "_nocapture"
+    url = base.rsplit("/", 1)[0] + "/" + name
     async with bctx.pool.acquire() as conn:
-        for name in ("bench_audit_plain", "bench_audit_captured"):
-            await conn.execute(_CLONE.format(name=name))
-            await conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {name} TO datalayer_app")
-        await conn.execute("CALL app.audit_capture('bench_audit_captured')")
-
-    async def drop() -> None:
-        async with bctx.pool.acquire() as conn:
-            await conn.execute("CALL app.audit_uncapture('bench_audit_captured')")
-            await conn.execute("DROP TABLE IF EXISTS bench_audit_plain, bench_audit_captured")
-
-    bctx.cleanup.push_async_callback(drop)
-    ctxs = []
-    for i in range(ORGS):
-        ctx = Context(_org(i, "capture"), user_id=uuid.uuid4(), role="owner",
-                      request_id=f"bench-{i}")
-        ctxs.append(ctx.local_sql)
-    insert, update = {}, {}
-    for name in ("bench_audit_plain", "bench_audit_captured"):
-        insert[name] = (f"INSERT INTO {name} (org_id, id, name, nodes, edges, settings, "
-                        "content_hash, owner_id) VALUES (app.org_id(), $1, $2, $3, '[]', '{}', "
-                        "'\\x00', app.user_id())")
-        update[name] = (f"UPDATE {name} SET name = $2, nodes = $3, updated_at = now() "
-                        "WHERE org_id = app.org_id() AND id = $1")
-    return CaptureState(ctxs, insert, update)
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if not exists:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+    await asyncio.to_thread(migrations.apply, dataclasses.replace(bctx.settings, database_url=url),
+                            resource_dir("schema"))
+    plain = await asyncpg.create_pool(url, min_size=1, max_size=POOL_SIZE,
+                                      init=_init_connection)
+    bctx.cleanup.push_async_callback(plain.close)
+    async with plain.acquire() as conn:
+        await conn.execute("CALL app.audit_uncapture('workflows')")
+        await conn.execute("CALL app.audit_uncapture('workflow_versions')")
+        await _tenants(conn)
+    async with bctx.pool.acquire() as conn:
+        ctxs = await _tenants(conn)
+    reg = bctx.dl.registry
+    return CaptureState(ctxs, (reg["workflows.create"].sql, reg["workflows.create"].params),
+                        (reg["workflows.update"].sql, reg["workflows.update"].params), plain)
 
 
-async def _write(b: BenchContext, s: CaptureState, i: int, table: str) -> None:
-    wid = uuid.uuid4()
-    async with b.pool.acquire() as conn, conn.transaction():
+async def _write(pool: asyncpg.Pool, s: CaptureState, i: int) -> None:
+    create: dict[str, Any] = {
+        "name": f"workflow {i}", "description": "", "nodes": _NODES, "edges": [],
+        "settings": {}, "status": "draft", "owner_id": None, "team_id": None, "tags": [],
+        "is_template": False, "visibility": "organization", "current_version": 1}
+    async with pool.acquire() as conn, conn.transaction():
         await conn.execute(s.ctxs[i % ORGS])
-        await conn.execute(s.insert[table], wid, f"workflow {i}", _NODES)
-        await conn.execute(s.update[table], wid, f"workflow {i} v2", _NODES[:9])
+        wid = await conn.fetchval(s.create[0], *(create[p] for p in s.create[1]), column=1)
+        update: dict[str, Any] = {
+            "name": f"workflow {i} v2", "description": None, "nodes": _NODES[:9],
+            "edges": None, "settings": None, "status": None, "tags": None,
+            "is_template": None, "visibility": None, "id": wid, "expected_version": None}
+        await conn.fetchrow(s.update[0], *(update[p] for p in s.update[1]))
 
 
 async def _capture(b: BenchContext, s: CaptureState, i: int) -> None:
-    await _write(b, s, i, "bench_audit_captured")
+    await _write(b.pool, s, i)
 
 
 async def _capture_raw(b: BenchContext, s: CaptureState, i: int) -> None:
-    await _write(b, s, i, "bench_audit_plain")
+    await _write(s.plain, s, i)
 
 
 async def _capture_extra(b: BenchContext, s: CaptureState) -> dict[str, Any]:

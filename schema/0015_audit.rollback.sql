@@ -52,6 +52,7 @@ DROP TABLE app.audit_heads;
 DROP TABLE app.audit_rules;
 DROP TABLE app.audit_tables;
 DROP TABLE app.personal_columns;
+DROP TABLE app.audit_omit_columns;
 DROP TABLE app.secret_columns;
 CREATE OR REPLACE FUNCTION app.ensure_partitions(p_months_ahead integer DEFAULT 2,
                                       p_months_back integer DEFAULT 0)

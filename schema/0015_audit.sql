@@ -80,6 +80,20 @@ INSERT INTO app.personal_columns (table_name, column_name) VALUES
   ('auth_tokens', 'email'), ('*', 'ip'), ('*', 'source_ip'), ('*', 'user_agent'),
   ('*', 'email');
 
+-- Columns not copied into change rows because they are recorded elsewhere (not secret):
+-- a workflow version's content is immutable, identified by its content_hash, and the
+-- workflows change row that made the version carries the before/after of nodes, edges and
+-- settings already. Generated columns (derived data: search vectors, normalized emails) are
+-- never copied either. Like secret columns, they still appear in changed_columns.
+CREATE TABLE app.audit_omit_columns (
+  table_name   text NOT NULL,
+  column_name  text NOT NULL,
+  PRIMARY KEY (table_name, column_name)
+);
+INSERT INTO app.audit_omit_columns (table_name, column_name) VALUES
+  ('workflow_versions', 'nodes'), ('workflow_versions', 'edges'),
+  ('workflow_versions', 'settings');
+
 -- Tables under change capture (app.audit_capture fills it).
 CREATE TABLE app.audit_tables (
   table_name   text PRIMARY KEY,
@@ -153,14 +167,17 @@ ALTER TABLE app.audit_heads ENABLE ROW LEVEL SECURITY;
 ALTER TABLE app.audit_heads FORCE ROW LEVEL SECURITY;
 CREATE POLICY audit_heads_none ON app.audit_heads USING (false);
 
--- Canonical encodings and hashes (IMMUTABLE, used by the triggers and by verification) ----------
+-- Canonical encodings and hashes (used by the triggers and by verification) ---------------------
+-- Deterministic, but declared STABLE like the functions they call (jsonb_build_array,
+-- convert_to, extract): that lets the planner inline them, which keeps a hash to a few
+-- microseconds inside the triggers and the verification queries.
 CREATE FUNCTION app.epoch_us(p timestamptz) RETURNS bigint
-LANGUAGE sql IMMUTABLE PARALLEL SAFE STRICT
+LANGUAGE sql STABLE PARALLEL SAFE
 AS $$ SELECT (extract(epoch FROM p) * 1000000)::bigint $$;
 
 CREATE FUNCTION app.audit_commit(p_salt bytea, p_ip inet, p_user_agent text, p_personal jsonb)
 RETURNS bytea
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
+LANGUAGE sql STABLE PARALLEL SAFE
 AS $$ SELECT sha256(coalesce(p_salt, '\x'::bytea)
                     || convert_to(jsonb_build_array(host(p_ip), p_user_agent, p_personal)::text,
                                   'UTF8')) $$;
@@ -171,7 +188,7 @@ CREATE FUNCTION app.audit_event_hash(p_prev bytea, p_org uuid, p_seq bigint, p_i
                                      p_subject uuid, p_resource_type text, p_resource_id text,
                                      p_request_id text, p_details jsonb, p_commit bytea)
 RETURNS bytea
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
+LANGUAGE sql STABLE PARALLEL SAFE
 AS $$ SELECT sha256(p_prev || convert_to(jsonb_build_array(
                       p_org, p_seq, p_id, app.epoch_us(p_at), p_action, p_result, p_risk,
                       p_frameworks, p_actor, p_subject, p_resource_type, p_resource_id,
@@ -183,7 +200,7 @@ CREATE FUNCTION app.audit_change_hash(p_prev bytea, p_org uuid, p_seq bigint, p_
                                       p_frameworks text[], p_before jsonb, p_after jsonb,
                                       p_commit bytea)
 RETURNS bytea
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
+LANGUAGE sql STABLE PARALLEL SAFE
 AS $$ SELECT sha256(p_prev || convert_to(jsonb_build_array(
                       p_org, p_seq, p_id, app.epoch_us(p_at), p_table, p_row_pk, p_op, p_actor,
                       p_request_id, p_changed, p_frameworks, p_before, p_after)::text, 'UTF8')
@@ -361,6 +378,9 @@ CREATE TRIGGER audit_events_before_insert BEFORE INSERT ON audit_events
 -- never copied afterwards.
 
 -- Append the change rows of one statement (arrays in organization, key order) to the chains.
+-- One INSERT .. RETURNING per row computes the row's hash in SQL and hands it to the next:
+-- PL/pgSQL re-initializes every expression it evaluates once per transaction, so a loop of
+-- many small assignments costs more on a one-row statement than the hashing itself.
 CREATE FUNCTION app.audit_append_changes(p_table text, p_op text, p_orgs uuid[], p_pks jsonb[],
                                          p_changed text[], p_before jsonb[], p_after jsonb[],
                                          p_personal jsonb[])
@@ -370,58 +390,44 @@ DECLARE
   v_frameworks text[] := (app.audit_classify('change.' || p_table, 'success')).frameworks;
   v_actor uuid := app.user_id();
   v_request text := app.request_id();
-  v_n integer := cardinality(p_orgs);
   v_cur uuid;
   v_seq bigint;
   v_prev bytea;
-  v_seqs bigint[] := '{}';
-  v_ids uuid[] := '{}';
-  v_ats timestamptz[] := '{}';
-  v_salts bytea[] := '{}';
-  v_commits bytea[] := '{}';
-  v_prevs bytea[] := '{}';
-  v_hashes bytea[] := '{}';
-  v_id uuid;
-  v_at timestamptz;
-  v_salt bytea;
-  v_commit bytea;
-  v_hash bytea;
 BEGIN
-  FOR i IN 1 .. v_n LOOP
+  FOR i IN 1 .. cardinality(p_orgs) LOOP
     IF v_cur IS DISTINCT FROM p_orgs[i] THEN
       IF v_cur IS NOT NULL THEN
-        UPDATE app.audit_heads SET seq = v_seq - 1, head = v_prev
+        UPDATE app.audit_heads SET seq = v_seq, head = v_prev
         WHERE org_id = v_cur AND chain = 'changes';
       END IF;
       v_cur := p_orgs[i];
-      -- Lock the head (taking no position yet): next seq and the head hash.
-      SELECT t.first_seq, t.prev INTO v_seq, v_prev FROM app.audit_take(v_cur, 'changes', 0) t;
+      -- Lock the head (a row lock, no new row version yet): last seq and the head hash.
+      SELECT h.seq, h.head INTO v_seq, v_prev FROM app.audit_heads h
+      WHERE h.org_id = v_cur AND h.chain = 'changes' FOR UPDATE;
+      IF NOT FOUND THEN
+        SELECT t.first_seq - 1, t.prev INTO v_seq, v_prev
+        FROM app.audit_take(v_cur, 'changes', 0) t;
+      END IF;
     END IF;
-    v_id := gen_random_uuid();
-    v_at := clock_timestamp();
-    v_salt := CASE WHEN p_personal[i] IS NULL THEN NULL ELSE uuid_send(gen_random_uuid()) END;
-    v_commit := app.audit_commit(v_salt, NULL, NULL, p_personal[i]);
-    v_hash := app.audit_change_hash(v_prev, v_cur, v_seq, v_id, v_at, p_table, p_pks[i], p_op,
-                                    v_actor, v_request, p_changed[i]::text[], v_frameworks,
-                                    p_before[i], p_after[i], v_commit);
-    v_seqs[i] := v_seq; v_ids[i] := v_id; v_ats[i] := v_at; v_salts[i] := v_salt;
-    v_commits[i] := v_commit; v_prevs[i] := v_prev; v_hashes[i] := v_hash;
-    v_prev := v_hash;
-    v_seq := v_seq + 1;
+    INSERT INTO data_changes (org_id, seq, id, at, table_name, row_pk, op, actor_user_id,
+                              request_id, changed_columns, frameworks, before, after, personal,
+                              pii_salt, pii_commit, prev_hash, row_hash)
+    SELECT v_cur, x.seq, x.id, x.at, p_table, p_pks[i], p_op, v_actor, v_request,
+           p_changed[i]::text[], v_frameworks, p_before[i], p_after[i], p_personal[i], x.salt,
+           c.cmt, v_prev,
+           app.audit_change_hash(v_prev, v_cur, x.seq, x.id, x.at, p_table, p_pks[i], p_op,
+                                 v_actor, v_request, p_changed[i]::text[], v_frameworks,
+                                 p_before[i], p_after[i], c.cmt)
+    FROM (SELECT v_seq + 1 AS seq, gen_random_uuid() AS id, clock_timestamp() AS at,
+                 CASE WHEN p_personal[i] IS NOT NULL THEN uuid_send(gen_random_uuid()) END
+                   AS salt) x
+    CROSS JOIN LATERAL (SELECT app.audit_commit(x.salt, NULL, NULL, p_personal[i]) AS cmt) c
+    RETURNING seq, row_hash INTO v_seq, v_prev;
   END LOOP;
-  IF v_cur IS NULL THEN
-    RETURN;
+  IF v_cur IS NOT NULL THEN
+    UPDATE app.audit_heads SET seq = v_seq, head = v_prev
+    WHERE org_id = v_cur AND chain = 'changes';
   END IF;
-  UPDATE app.audit_heads SET seq = v_seq - 1, head = v_prev
-  WHERE org_id = v_cur AND chain = 'changes';
-  INSERT INTO data_changes (org_id, seq, id, at, table_name, row_pk, op, actor_user_id,
-                            request_id, changed_columns, frameworks, before, after, personal,
-                            pii_salt, pii_commit, prev_hash, row_hash)
-  SELECT u.org, u.seq, u.id, u.at, p_table, u.pk, p_op, v_actor, v_request, u.changed::text[],
-         v_frameworks, u.b, u.a, u.p, u.salt, u.cmt, u.prev, u.hash
-  FROM unnest(p_orgs, v_seqs, v_ids, v_ats, p_pks, p_changed, p_before, p_after, p_personal,
-              v_salts, v_commits, v_prevs, v_hashes)
-       AS u(org, seq, id, at, pk, changed, b, a, p, salt, cmt, prev, hash);
 END $$;
 
 -- Opt a table into change capture: CALL app.audit_capture('table_name'); (again to refresh).
@@ -463,7 +469,10 @@ BEGIN
   SELECT quote_literal(coalesce(array_agg(column_name ORDER BY column_name), '{}')::text)
          || '::text[]' INTO v_secret FROM (
     SELECT column_name FROM app.secret_columns WHERE table_name = p_table
-    UNION SELECT column_name FROM app.encrypted_columns WHERE table_name = p_table) s;
+    UNION SELECT column_name FROM app.encrypted_columns WHERE table_name = p_table
+    UNION SELECT column_name FROM app.audit_omit_columns WHERE table_name = p_table
+    UNION SELECT attname::text FROM pg_attribute
+          WHERE attrelid = v_rel AND attgenerated <> '' AND NOT attisdropped) s;
   SELECT quote_literal(coalesce(array_agg(column_name ORDER BY column_name), '{}')::text)
          || '::text[]' INTO v_personal
   FROM app.personal_columns WHERE table_name IN (p_table, '*');
@@ -492,20 +501,18 @@ BEGIN
     replace(v_org, 'ROWX', 'n.r'), v_secret, v_secret, replace(v_pk, 'ROWX', 'x.r'),
     replace(v_pk, 'ROWX', 'o.r'));
   -- Split personal columns out, order by (org, pk), aggregate into the arrays of one call.
-  v_wrap := 'SELECT array_agg(org ORDER BY org, pk::text) AS orgs, '
-            '       array_agg(pk ORDER BY org, pk::text) AS pks, '
-            '       array_agg(changed::text ORDER BY org, pk::text) AS changed, '
-            '       array_agg(b - %2$s ORDER BY org, pk::text) AS b, '
-            '       array_agg(a - %2$s ORDER BY org, pk::text) AS a, '
+  -- (Aggregating from a sorted sub-select keeps its order without one sort per aggregate.)
+  v_wrap := 'SELECT array_agg(org) AS orgs, array_agg(pk) AS pks, '
+            '       array_agg(changed::text) AS changed, '
+            '       array_agg(b - %2$s) AS b, array_agg(a - %2$s) AS a, '
             '       array_agg(CASE WHEN (b ?| %2$s) OR (a ?| %2$s) THEN jsonb_strip_nulls('
             '         jsonb_build_object(''before'', (SELECT jsonb_object_agg(k, v) '
             '           FROM jsonb_each(b) AS e(k, v) WHERE k = ANY(%2$s)), '
             '         ''after'', (SELECT jsonb_object_agg(k, v) '
-            '           FROM jsonb_each(a) AS e(k, v) WHERE k = ANY(%2$s)))) END '
-            '         ORDER BY org, pk::text) AS p '
+            '           FROM jsonb_each(a) AS e(k, v) WHERE k = ANY(%2$s)))) END) AS p '
             'FROM (SELECT coalesce(org, app.org_id(), '
             '                      ''00000000-0000-0000-0000-000000000000''::uuid) AS org, '
-            '             pk, changed, b, a FROM (%1$s) s0) s';
+            '             pk, changed, b, a FROM (%1$s) s0 ORDER BY 1, pk::text) s';
   EXECUTE format(
     'CREATE OR REPLACE FUNCTION %s() RETURNS trigger '
     'LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS %s',
@@ -566,6 +573,8 @@ CREATE TRIGGER audit_registry_changed AFTER INSERT OR UPDATE OR DELETE ON app.se
 CREATE TRIGGER audit_registry_changed AFTER INSERT OR UPDATE OR DELETE ON app.personal_columns
   FOR EACH STATEMENT EXECUTE FUNCTION app.audit_registry_changed();
 CREATE TRIGGER audit_registry_changed AFTER INSERT OR UPDATE OR DELETE ON app.encrypted_columns
+  FOR EACH STATEMENT EXECUTE FUNCTION app.audit_registry_changed();
+CREATE TRIGGER audit_registry_changed AFTER INSERT OR UPDATE OR DELETE ON app.audit_omit_columns
   FOR EACH STATEMENT EXECUTE FUNCTION app.audit_registry_changed();
 
 -- Events written by the database itself --------------------------------------------------------
@@ -921,9 +930,11 @@ GRANT SELECT ON audit_retention_log TO datalayer_app;
 GRANT SELECT, INSERT, UPDATE, DELETE ON audit_retention_policies, audit_legal_holds,
       audit_retention_log TO datalayer_maint;
 REVOKE ALL ON app.secret_columns, app.personal_columns, app.audit_tables, app.audit_rules,
-              app.audit_heads, app.audit_retention_defaults FROM PUBLIC;
+              app.audit_heads, app.audit_retention_defaults, app.audit_omit_columns
+  FROM PUBLIC;
 GRANT SELECT ON app.secret_columns, app.personal_columns, app.audit_tables, app.audit_rules,
-                app.audit_heads, app.audit_retention_defaults TO datalayer_maint;
+                app.audit_heads, app.audit_retention_defaults, app.audit_omit_columns
+  TO datalayer_maint;
 
 
 ALTER TABLE audit_events OWNER TO datalayer_maint;

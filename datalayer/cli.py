@@ -234,6 +234,67 @@ async def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- audit ------------------------------------------------------------------------------------
+def _when(text: str) -> Any:
+    from datetime import UTC, datetime
+
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise DataLayerError(f"not an ISO date or timestamp: {text!r}") from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+async def _audit(args: argparse.Namespace) -> int:
+    import uuid
+    from datetime import UTC, datetime, timedelta
+
+    from datalayer.repos.audit import compliance_report, verify_chain
+
+    try:
+        org = uuid.UUID(args.org)
+    except ValueError:
+        raise DataLayerError("--org must be an organization id (UUID)") from None
+    async with DataLayer(_settings()) as dl:
+        if args.action == "verify":
+            chain = await verify_chain(dl, org)
+            out: dict[str, Any] = {"org_id": str(org), "ok": chain.ok, "rows": chain.rows,
+                                   "heads": chain.heads, "problems": chain.problems}
+            if args.json:
+                _json(out)
+            else:
+                print(("chain ok" if chain.ok else "CHAIN BROKEN") + f": {chain.rows}")
+                print("\n".join(chain.problems))
+            return 0 if chain.ok else 2
+        to_at = _when(args.to) if args.to else datetime.now(UTC)
+        from_at = _when(args.from_) if args.from_ else to_at - timedelta(days=30)
+        report = await compliance_report(dl, org, from_at=from_at, to_at=to_at,
+                                         framework=args.framework)
+    if args.json:
+        _json({"org_id": str(org), "from": from_at.isoformat(), "to": to_at.isoformat(),
+               "framework": args.framework,
+               "reports": {k: [{"seq": e.seq, "at": e.at.isoformat(), "action": e.action,
+                                "result": e.result, "risk": e.risk,
+                                "frameworks": e.frameworks,
+                                "actor_user_id": e.actor_user_id and str(e.actor_user_id),
+                                "subject_user_id": e.subject_user_id
+                                and str(e.subject_user_id),
+                                "resource": f"{e.resource_type}:{e.resource_id}",
+                                "ip": e.ip and str(e.ip), "request_id": e.request_id,
+                                "details": e.details} for e in events]
+                           for k, events in report.items()}})
+        return 0
+    print(f"audit report {org}  {from_at.isoformat()} .. {to_at.isoformat()}"
+          + (f"  framework {args.framework}" if args.framework else ""))
+    for kind, events in report.items():
+        print(f"\n{kind} ({len(events)})")
+        for e in events:
+            print(f"  {e.at.isoformat()}  {e.risk:8} {e.action:28} {e.result:8} "
+                  f"actor={e.actor_user_id} subject={e.subject_user_id} "
+                  f"{e.resource_type or ''}:{e.resource_id or ''}")
+    return 0
+
+
 # -- parser -------------------------------------------------------------------------------------
 def _async(fn: Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
            ) -> Callable[[argparse.Namespace], int]:
@@ -304,6 +365,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--concurrency", default=os.environ.get("DATALAYER_BENCH_CONCURRENCY",
                                                            "1,16"),
                    help="comma-separated levels (DATALAYER_BENCH_CONCURRENCY, default 1,16)")
+
+    a = add("audit", _async(_audit),
+            "audit trail: 'report' prints the compliance reports of an organization for a "
+            "period (sensitive-data access, failed logins and lockouts, permission changes, "
+            "high-risk events); 'verify' checks its hash chains (exit 2 when broken)")
+    a.add_argument("action", choices=["report", "verify"])
+    a.add_argument("--org", required=True, help="organization id")
+    a.add_argument("--from", dest="from_", default=None,
+                   help="report: period start, ISO date/time (default: 30 days before --to)")
+    a.add_argument("--to", default=None, help="report: period end, exclusive (default: now)")
+    a.add_argument("--framework", choices=["GDPR", "SOX", "HIPAA"], default=None,
+                   help="report: only events that matter to this framework")
+    a.add_argument("--json", action="store_true")
     return p
 
 

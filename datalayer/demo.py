@@ -38,6 +38,7 @@ async def run_demo(dl: DataLayer, out: TextIO) -> None:
     await _ratelimit(dl, out)
     await _credentials(dl, out)
     await _notifications(dl, out)
+    await _audit(dl, out)
 
 
 async def _tenancy(dl: DataLayer, out: TextIO) -> None:
@@ -587,4 +588,46 @@ async def _credentials(dl: DataLayer, out: TextIO) -> None:
             dl.keyring = original
     say(f"rotated back to the configured key {original.active_kid!r} "
         f"({report.total_rotated} rows)")
+    say()
+
+
+async def _audit(dl: DataLayer, out: TextIO) -> None:
+    from datalayer.repos.audit import anchor, verify_chain
+
+    say = _printer(out)
+
+    run = uuid.uuid4().hex[:6]
+    say("== Audit: a change with its before/after row, a hash chain, tampering detected ==")
+    org_id, owner_id = uuid.uuid4(), uuid.uuid4()
+    owner = Context(org_id, user_id=owner_id, role="owner", request_id=f"demo-{run}",
+                    ip="198.51.100.20", user_agent="demo-browser/1.0")
+    async with dl.session(owner) as db:
+        await db.orgs.create(slug=f"initrode-{run}", name="Initrode")
+        await db.users.create(email=f"owner-{run}@initrode.example", display_name="Bill")
+        await db.memberships.add(owner_id, "owner")
+        wf = await db.workflows.create("Invoice sync", nodes=[{"id": "a", "type": "http"}])
+    async with dl.session(owner.with_(request_id=f"demo-{run}-edit")) as db:
+        await db.workflows.update(wf.id, name="Invoice sync (EU)")
+    async with dl.session(owner, readonly=True) as db:
+        change = (await db.audit.changes_for("workflows", {"org_id": org_id, "id": wf.id},
+                                             limit=1)).items[0]
+        events = (await db.audit.by_resource("membership", owner_id)).items
+    assert change.before is not None and change.after is not None
+    say(f"UPDATE of workflow {wf.id} by {change.actor_user_id} (request "
+        f"{change.request_id}): changed {change.changed_columns}")
+    say(f"  before name={change.before.get('name')!r}  after name={change.after.get('name')!r}"
+        f"  (chain position {change.seq})")
+    say(f"explicit events too: {[(e.action, e.risk, str(e.ip)) for e in events]}")
+    saved = await anchor(dl, org_id)
+    report = await verify_chain(dl, org_id)
+    say(f"verify_chain: ok={report.ok}, rows={report.rows}; anchor {saved.digest[:16]}…")
+    # The maintenance role owns the audit tables and can change them: the chain shows it.
+    async with dl.system() as db:
+        await db.connection.execute("SELECT set_config('app.audit_bypass', 'redact', true)")
+        await db.connection.execute(
+            "UPDATE data_changes SET after = after || '{\"name\": \"Invoice sync\"}' "
+            "WHERE org_id = $1 AND seq = $2", org_id, change.seq)
+    say("the maintenance role quietly rewrites that change row's 'after' ...")
+    report = await verify_chain(dl, org_id, saved=saved)
+    say(f"verify_chain: ok={report.ok}: {report.problems}")
     say()

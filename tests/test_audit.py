@@ -457,3 +457,23 @@ async def test_partition_maintenance_keeps_audit_rows_and_their_chain(
             "SELECT * FROM app.drop_partitions_before(date_trunc('month', now())::date)")
     assert not [r for r in dropped if str(r[0]).startswith(("audit_events", "data_changes"))]
     assert (await verify_chain(dl, org)).ok
+
+
+async def test_cli_report_and_verify(dl: DataLayer, make_tenant: TenantFactory,
+                                     database_url: str) -> None:
+    from tests.test_cli import cli
+
+    t = await make_tenant()
+    async with dl.session(t.owner) as db:
+        await db.audit.record("data.export", resource_type="workflow", resource_id="w9")
+    out = await asyncio.to_thread(cli, "audit", "report", "--org", str(t.org_id), "--json",
+                                  "--framework", "GDPR", DATABASE_URL=database_url)
+    assert out.returncode == 0, out.stderr
+    import orjson
+
+    data = orjson.loads(out.stdout)
+    assert [e["action"] for e in data["reports"]["sensitive_access"]] == ["data.export"]
+    assert data["reports"]["failed_logins"] == []
+    ok = await asyncio.to_thread(cli, "audit", "verify", "--org", str(t.org_id),
+                                 DATABASE_URL=database_url)
+    assert ok.returncode == 0 and "chain ok" in ok.stdout

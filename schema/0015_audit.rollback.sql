@@ -27,6 +27,7 @@ DROP PROCEDURE app.audit_capture(text);
 DROP PROCEDURE app.audit_uncapture(text);
 DROP FUNCTION app.audit_append_changes(text, text, uuid[], jsonb[], text[], jsonb[], jsonb[], jsonb[]);
 DROP FUNCTION app.audit_events_before_insert();
+DROP FUNCTION app.audit_events_after_insert();
 DROP FUNCTION app.audit_credential_access();
 DROP FUNCTION app.audit_execution_control();
 DROP FUNCTION app.audit_auth_event(uuid, text, text, inet, text, jsonb);

@@ -348,7 +348,22 @@ BEGIN
   NEW.redacted_at := NULL;
   NEW.pii_salt := uuid_send(gen_random_uuid());
   NEW.pii_commit := app.audit_commit(NEW.pii_salt, NEW.ip, NEW.user_agent, NEW.personal);
-  SELECT t.first_seq, t.prev INTO v_first, v_prev FROM app.audit_take(NEW.org_id, 'events', 1) t;
+  -- The chain head: lock the organization's head row (a row lock, no new row version, so a
+  -- transaction writing many events does not grow a chain of versions of it), then the last
+  -- event (rows inserted earlier by this statement are visible here), or the retention
+  -- checkpoint when there is none. The head row itself is updated once per statement
+  -- (audit_events_after_insert).
+  PERFORM 1 FROM app.audit_heads h WHERE h.org_id = NEW.org_id AND h.chain = 'events'
+  FOR UPDATE;
+  IF NOT FOUND THEN
+    PERFORM app.audit_take(NEW.org_id, 'events', 0);
+  END IF;
+  SELECT e.seq + 1, e.row_hash INTO v_first, v_prev FROM audit_events e
+  WHERE e.org_id = NEW.org_id ORDER BY e.seq DESC LIMIT 1;
+  IF NOT FOUND THEN
+    SELECT h.floor_seq, h.floor_prev INTO v_first, v_prev FROM app.audit_heads h
+    WHERE h.org_id = NEW.org_id AND h.chain = 'events';
+  END IF;
   NEW.seq := v_first;
   -- Maintenance may import history with its original time; everything else is stamped now.
   IF v_org IS NULL AND NEW.at < clock_timestamp() - interval '1 second' THEN
@@ -361,11 +376,25 @@ BEGIN
                                        NEW.result, NEW.risk, NEW.frameworks, NEW.actor_user_id,
                                        NEW.subject_user_id, NEW.resource_type, NEW.resource_id,
                                        NEW.request_id, NEW.details, NEW.pii_commit);
-  UPDATE app.audit_heads SET head = NEW.row_hash WHERE org_id = NEW.org_id AND chain = 'events';
   RETURN NEW;
 END $$;
 CREATE TRIGGER audit_events_before_insert BEFORE INSERT ON audit_events
   FOR EACH ROW EXECUTE FUNCTION app.audit_events_before_insert();
+
+-- Once per statement: move each organization's head to its newest event (never backwards:
+-- rows moved between partitions keep their old positions).
+CREATE FUNCTION app.audit_events_after_insert() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS $$
+BEGIN
+  UPDATE app.audit_heads h SET seq = n.seq, head = n.row_hash
+  FROM (SELECT DISTINCT ON (org_id) org_id, seq, row_hash FROM new_rows
+        ORDER BY org_id, seq DESC) n
+  WHERE h.org_id = n.org_id AND h.chain = 'events' AND h.seq < n.seq;
+  RETURN NULL;
+END $$;
+CREATE TRIGGER audit_events_after_insert AFTER INSERT ON audit_events
+  REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION app.audit_events_after_insert();
 
 -- Change capture ----------------------------------------------------------------------------------
 -- Statement-level triggers (transition tables): one chain-head update per statement and
@@ -945,7 +974,7 @@ DECLARE
   f text;
 BEGIN
   FOREACH f IN ARRAY ARRAY[
-    'app.audit_events_before_insert()',
+    'app.audit_events_before_insert()', 'app.audit_events_after_insert()',
     'app.audit_append_changes(text, text, uuid[], jsonb[], text[], jsonb[], jsonb[], jsonb[])',
     'app.audit_credential_access()', 'app.audit_execution_control()',
     'app.audit_auth_event(uuid, text, text, inet, text, jsonb)',

@@ -229,7 +229,8 @@ async def _verify_setup(bctx: BenchContext) -> VerifyState:
 async def _verify(b: BenchContext, s: VerifyState, i: int) -> None:
     start = 1 + (i * WINDOW) % (CHAIN_ROWS - WINDOW)
     async with b.dl.system() as db:
-        rows = await db.many("audit.verify_events", org_id=s.org, from_seq=start, limit=WINDOW)
+        rows = await db.many("audit.verify_events", org_id=s.org, from_seq=start,
+                             to_seq=start + WINDOW)
     prev = rows[0][1]
     expect = start
     for seq, prev_hash, row_hash, ok in rows:
@@ -242,8 +243,8 @@ async def _verify_raw(b: BenchContext, s: VerifyState, i: int) -> None:
     start = 1 + (i * WINDOW) % (CHAIN_ROWS - WINDOW)
     async with b.pool.acquire() as conn:
         await conn.fetch("SELECT seq, prev_hash, row_hash, true AS ok FROM audit_events "
-                         "WHERE org_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
-                         s.org, start, WINDOW)
+                         "WHERE org_id = $1 AND seq >= $2 AND seq < $3 ORDER BY seq",
+                         s.org, start, start + WINDOW)
 
 
 async def _verify_extra(b: BenchContext, s: VerifyState) -> dict[str, Any]:

@@ -73,8 +73,9 @@ WHERE org_id = :org_id
 ORDER BY chain;
 
 -- name: verify_events :many
--- One verification batch of the events chain from :from_seq: each row's link and whether its
--- hash (and, unless redacted, its personal-data commitment) recomputes.
+-- One verification batch of the events chain, seq in [:from_seq, :to_seq): each row's link and
+-- whether its hash (and, unless redacted, its personal-data commitment) recomputes. A range
+-- rather than ORDER BY .. LIMIT: every partition contributes only its rows of the range.
 SELECT e.seq, e.prev_hash, e.row_hash,
        e.row_hash = app.audit_event_hash(e.prev_hash, e.org_id, e.seq, e.id, e.at, e.action,
                                          e.result, e.risk, e.frameworks, e.actor_user_id,
@@ -85,12 +86,11 @@ SELECT e.seq, e.prev_hash, e.row_hash,
                 ELSE e.ip IS NULL AND e.user_agent IS NULL AND e.personal IS NULL
                      AND e.pii_salt IS NULL END AS ok
 FROM audit_events e
-WHERE e.org_id = :org_id AND e.seq >= :from_seq
-ORDER BY e.seq
-LIMIT :limit;
+WHERE e.org_id = :org_id AND e.seq >= :from_seq AND e.seq < :to_seq
+ORDER BY e.seq;
 
 -- name: verify_changes :many
--- One verification batch of the changes chain (see verify_events).
+-- One verification batch of the changes chain, seq in [:from_seq, :to_seq) (see verify_events).
 SELECT d.seq, d.prev_hash, d.row_hash,
        d.row_hash = app.audit_change_hash(d.prev_hash, d.org_id, d.seq, d.id, d.at,
                                           d.table_name, d.row_pk, d.op, d.actor_user_id,
@@ -100,9 +100,8 @@ SELECT d.seq, d.prev_hash, d.row_hash,
                 THEN d.pii_commit = app.audit_commit(d.pii_salt, NULL, NULL, d.personal)
                 ELSE d.personal IS NULL AND d.pii_salt IS NULL END AS ok
 FROM data_changes d
-WHERE d.org_id = :org_id AND d.seq >= :from_seq
-ORDER BY d.seq
-LIMIT :limit;
+WHERE d.org_id = :org_id AND d.seq >= :from_seq AND d.seq < :to_seq
+ORDER BY d.seq;
 
 -- name: redact_subject :scalar
 -- Erasure path (dl.system()): remove a user's personal data from the audit rows of an

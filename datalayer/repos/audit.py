@@ -376,8 +376,12 @@ async def verify_chain(dl: DataLayer, org_id: uuid.UUID, *, saved: Anchor | None
                 if want[0] == 0:
                     want = None
             seen_want = False
-            while True:
-                got = await db.many(query, org_id=org_id, from_seq=expect, limit=batch)
+            cursor = expect
+            # Range batches up to the head (and one past it, for rows beyond the head).
+            while cursor <= head_seq + batch and len(problems) < max_problems:
+                got = await db.many(query, org_id=org_id, from_seq=cursor,
+                                    to_seq=cursor + batch)
+                cursor += batch
                 for seq, prev_hash, row_hash, ok in got:
                     if seq != expect:
                         problems.append(f"{chain}: gap, seq {expect}..{seq - 1} missing")
@@ -389,12 +393,10 @@ async def verify_chain(dl: DataLayer, org_id: uuid.UUID, *, saved: Anchor | None
                         seen_want = True
                         if row_hash != want[1]:
                             problems.append(f"{chain}: seq {seq} differs from the saved anchor")
-                    prev = bytes(row_hash)
+                    prev = row_hash
                     expect = seq + 1
                     n += 1
-                    if len(problems) >= max_problems:
-                        break
-                if len(got) < batch or len(problems) >= max_problems:
+                if cursor > head_seq and not got:
                     break
             rows[chain] = n
             last = expect - 1

@@ -18,6 +18,7 @@ from ``dl.system()``: the user's personal data leaves the audit rows, the chains
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import hashlib
 import ipaddress
@@ -346,42 +347,54 @@ async def anchor(dl: DataLayer, org_id: uuid.UUID) -> Anchor:
 
 
 async def verify_chain(dl: DataLayer, org_id: uuid.UUID, *, saved: Anchor | None = None,
-                       batch: int = 20_000, max_problems: int = 100) -> ChainReport:
-    """Verify both chains of ``org_id`` from their retention checkpoints, in keyset batches.
+                       batch: int = 10_000, parallel: int = 3,
+                       max_problems: int = 100) -> ChainReport:
+    """Verify both chains of ``org_id`` from their retention checkpoints, in batches.
 
     Every row must recompute (row hash; personal-data commitment unless redacted), follow
     its predecessor's hash, and continue the sequence without a gap; the last row must be
     the chain head. With ``saved`` (an earlier :func:`anchor`), the rows it names must still
     be there with the same hashes: that detects truncation of the newest rows even when the
-    head was rewound too.
+    head was rewound too. Batches are seq ranges of ``batch`` rows whose hashes the server
+    recomputes; up to ``parallel`` of them are in flight on separate connections (of the
+    maintenance role) while the links are checked here in order.
     """
+    if not 1 <= parallel <= 8 or not 100 <= batch <= 100_000:
+        raise ValidationError("parallel must be 1..8 and batch 100..100000")
     problems: list[str] = []
     rows: dict[str, int] = {}
     heads: dict[str, int] = {}
     async with dl.system() as db:
         state = {r["chain"]: r for r in await db.many("audit.chain_state", org_id=org_id)}
-        for chain in CHAINS:
-            st = state.get(chain)
-            head_seq = st["seq"] if st else 0
-            head_hash = bytes(st["head"]) if st else _ZERO
-            expect = st["floor_seq"] if st else 1
-            prev = bytes(st["floor_prev"]) if st else _ZERO
-            heads[chain] = head_seq
-            query = "audit.verify_events" if chain == "events" else "audit.verify_changes"
-            n = 0
-            want: tuple[int, bytes] | None = None
-            if saved is not None:
-                want = ((saved.events_seq, saved.events_head) if chain == "events"
-                        else (saved.changes_seq, saved.changes_head))
-                if want[0] == 0:
-                    want = None
-            seen_want = False
-            cursor = expect
-            # Range batches up to the head (and one past it, for rows beyond the head).
-            while cursor <= head_seq + batch and len(problems) < max_problems:
-                got = await db.many(query, org_id=org_id, from_seq=cursor,
-                                    to_seq=cursor + batch)
-                cursor += batch
+
+    async def fetch(query: str, lo: int) -> list[Any]:
+        async with dl.system() as db:
+            return await db.many(query, org_id=org_id, from_seq=lo, to_seq=lo + batch)
+
+    for chain in CHAINS:
+        st = state.get(chain)
+        head_seq = st["seq"] if st else 0
+        head_hash = bytes(st["head"]) if st else _ZERO
+        expect = st["floor_seq"] if st else 1
+        prev = bytes(st["floor_prev"]) if st else _ZERO
+        heads[chain] = head_seq
+        query = "audit.verify_events" if chain == "events" else "audit.verify_changes"
+        want: tuple[int, bytes] | None = None
+        if saved is not None:
+            want = ((saved.events_seq, saved.events_head) if chain == "events"
+                    else (saved.changes_seq, saved.changes_head))
+            if want[0] == 0:
+                want = None
+        seen_want = False
+        n = 0
+        # The ranges up to the head, and one past it (rows beyond the head).
+        starts = list(range(expect, head_seq + batch + 1, batch)) or [expect]
+        pending: list[asyncio.Task[list[Any]]] = []
+        try:
+            for k in range(len(starts)):
+                while len(pending) < parallel and k + len(pending) < len(starts):
+                    pending.append(asyncio.create_task(fetch(query, starts[k + len(pending)])))
+                got = await pending.pop(0)
                 for seq, prev_hash, row_hash, ok in got:
                     if seq != expect:
                         problems.append(f"{chain}: gap, seq {expect}..{seq - 1} missing")
@@ -396,15 +409,19 @@ async def verify_chain(dl: DataLayer, org_id: uuid.UUID, *, saved: Anchor | None
                     prev = row_hash
                     expect = seq + 1
                     n += 1
-                if cursor > head_seq and not got:
+                if len(problems) >= max_problems:
                     break
-            rows[chain] = n
-            last = expect - 1
-            if last != head_seq or (n and prev != head_hash):
-                problems.append(f"{chain}: the chain ends at seq {last}, its head says {head_seq}")
-            if want is not None and not seen_want:
-                problems.append(f"{chain}: seq {want[0]} of the saved anchor is missing "
-                                f"(the newest rows were truncated)")
+        finally:
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        rows[chain] = n
+        last = expect - 1
+        if last != head_seq or (n and prev != head_hash):
+            problems.append(f"{chain}: the chain ends at seq {last}, its head says {head_seq}")
+        if want is not None and not seen_want:
+            problems.append(f"{chain}: seq {want[0]} of the saved anchor is missing "
+                            f"(the newest rows were truncated)")
     return ChainReport(org_id, rows, problems[:max_problems], heads)
 
 

@@ -43,6 +43,7 @@ from datalayer.repos.api_keys import ApiKeys
 from datalayer.repos.auth import Auth
 from datalayer.repos.credentials import Credentials
 from datalayer.repos.executions import Executions
+from datalayer.repos.gdpr import Gdpr
 from datalayer.repos.memberships import Memberships
 from datalayer.repos.notifications import Notifications
 from datalayer.repos.orgs import Organizations
@@ -344,6 +345,10 @@ class Session:
     @property
     def credentials(self) -> Credentials:
         return self._repo(Credentials)
+
+    @property
+    def gdpr(self) -> Gdpr:
+        return self._repo(Gdpr)
 
 
 _SHAPE_CALL: dict[Shape, Any] = {

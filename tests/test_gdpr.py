@@ -499,3 +499,111 @@ async def test_members_below_admin_see_masked_emails(
         page = await db.gdpr.members(limit=2)
         rest = await db.gdpr.members(after=(page[-1].joined_at, page[-1].user_id))
     assert len(page) == 2 and len(rest) == 2
+
+
+# -- the audit hooks ----------------------------------------------------------------------------
+
+_AUDIT_STUB = """
+CREATE TABLE audit_events (
+  org_id uuid NOT NULL, id bigint GENERATED ALWAYS AS IDENTITY,
+  actor_user_id uuid, subject_user_id uuid, action text NOT NULL,
+  detail jsonb NOT NULL DEFAULT '{}', PRIMARY KEY (org_id, id));
+ALTER TABLE audit_events ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
+CREATE POLICY audit_events_org ON audit_events USING (org_id = (SELECT app.org_id()));
+GRANT SELECT, INSERT (org_id, actor_user_id, subject_user_id, action, detail)
+  ON audit_events TO datalayer_app;
+CREATE FUNCTION app.audit_redact_subject(p_org uuid, p_user uuid) RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS $$
+  UPDATE audit_events SET detail = '{"redacted": true}'
+  WHERE org_id = p_org AND (subject_user_id = p_user OR actor_user_id = p_user) $$;
+GRANT EXECUTE ON FUNCTION app.audit_redact_subject(uuid, uuid) TO datalayer_app;
+"""
+
+
+async def test_audit_hooks_use_the_audit_trail_when_it_exists(
+    dl: DataLayer, make_tenant: TenantFactory, add_member: MemberFactory,
+    admin_conn: asyncpg.Connection,
+) -> None:
+    """Once the audit trail is merged (audit_events, app.audit_redact_subject), export lists
+    the events about the subject and erasure redacts them. On this branch alone a stand-in
+    with the contract's shape is created for the test and dropped after it."""
+    real = await admin_conn.fetchval("SELECT to_regclass('public.audit_events') IS NOT NULL")
+    if not real:
+        await admin_conn.execute(_AUDIT_STUB)
+    try:
+        w = await seed_subject(dl, make_tenant, add_member)
+        if not real:
+            await admin_conn.execute(
+                "INSERT INTO audit_events (org_id, actor_user_id, subject_user_id, action, "
+                "detail) VALUES ($1, $2, $3, 'role.changed', $4)",
+                w.a.org_id, w.a.owner_id, w.subject, json.dumps({"email": w.email}))
+        async with dl.session(w.a.owner) as db:
+            export = await db.gdpr.export(w.subject)
+        if not real:
+            assert [e["action"] for e in export["audit_events"]] == ["role.changed"]
+            assert export["audit_events"][0]["detail"] == {"email": w.email}
+        async with dl.session(w.a.owner) as db:
+            erased = await db.gdpr.erase(w.subject)
+        assert erased.audit_redacted
+        async with dl.system() as db:
+            assert (await db.gdpr.erase(w.subject)).audit_redacted
+        assert await scan(admin_conn, w.email, w.name) == []
+        if not real:
+            actions = await admin_conn.fetch(
+                "SELECT action, actor_user_id FROM audit_events WHERE org_id = $1 "
+                "AND subject_user_id = $2 ORDER BY id", w.a.org_id, w.subject)
+            assert [(r["action"], r["actor_user_id"]) for r in actions] == [
+                ("role.changed", w.a.owner_id), ("gdpr.export", w.a.owner_id),
+                ("gdpr.erase", w.a.owner_id)]
+    finally:
+        if not real:
+            await admin_conn.execute("DROP FUNCTION app.audit_redact_subject(uuid, uuid); "
+                                     "DROP TABLE audit_events")
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+
+def test_cli_exports_and_erases(database_url: str) -> None:
+    import asyncio
+
+    from tests.conftest import make_layer, make_settings
+    from tests.test_cli import cli
+
+    async def world() -> tuple[Tenant, Context, Context]:
+        async with make_layer(make_settings(database_url, migrate_on_start=False)) as dl:
+            org_id, owner_id = uuid.uuid4(), uuid.uuid4()
+            owner = Context(org_id, user_id=owner_id, role="owner")
+            async with dl.session(owner) as db:
+                await db.orgs.create(slug=f"cli-{org_id.hex[:10]}", name="Cli")
+                await db.users.create(email=f"o-{owner_id.hex[:8]}@example.test")
+                await db.memberships.add(owner_id, "owner")
+            t = Tenant(org_id, f"cli-{org_id.hex[:10]}", owner)
+            subject_id, other_id = uuid.uuid4(), uuid.uuid4()
+            out = []
+            for u in (subject_id, other_id):
+                email = f"cli-{u.hex[:8]}@example.test"
+                async with dl.session(Context(None, user_id=u)) as db:
+                    await db.users.create(email=email, display_name=f"Cli {u.hex[:8]}")
+                out.append(await join(dl, t, u, email))
+            return t, out[0], out[1]
+
+    t, subject, other = asyncio.run(world())
+    env = {"DATABASE_URL": database_url}
+    s = str(uid(subject))
+    result = cli("gdpr", "export", "--user", s, **env)
+    assert result.returncode == 0, result.stderr
+    export = json.loads(result.stdout)
+    assert export["scope"] == "all organizations"
+    assert export["memberships"][0]["org_id"] == str(t.org_id)
+    as_owner = cli("gdpr", "export", "--user", s, "--org", str(t.org_id),
+                   "--as", str(t.owner_id), **env)
+    assert json.loads(as_owner.stdout)["scope"] == str(t.org_id)
+    denied = cli("gdpr", "export", "--user", s, "--org", str(t.org_id),
+                 "--as", str(uid(other)), **env)
+    assert denied.returncode == 1 and "admin or the subject" in denied.stderr
+    assert cli("gdpr", "erase", "--user", s, **env).returncode == 1  # needs --yes
+    erased = cli("gdpr", "erase", "--user", s, "--org", str(t.org_id), "--as",
+                 str(t.owner_id), "--yes", **env)
+    assert erased.returncode == 0, erased.stderr
+    report = json.loads(erased.stdout)
+    assert report["profile_erased"] is True and report["pseudonym"] == pseudonym(uid(subject))

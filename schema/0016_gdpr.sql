@@ -374,6 +374,11 @@ BEGIN
   IF p_user IS NULL THEN
     RAISE EXCEPTION 'the subject of an erasure is required' USING ERRCODE = 'null_value_not_allowed';
   END IF;
+  -- As with removing a member (memberships_delete): only an owner removes an owner.
+  IF NOT app.is_owner() AND EXISTS (SELECT 1 FROM memberships m WHERE m.org_id = app.org_id()
+                                     AND m.user_id = p_user AND m.role = 'owner') THEN
+    RAISE EXCEPTION 'only an owner may erase an owner' USING ERRCODE = 'insufficient_privilege';
+  END IF;
   RETURN QUERY SELECT * FROM app.gdpr_erase_in(p_user, app.org_id());
 END $$;
 

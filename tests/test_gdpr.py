@@ -607,3 +607,29 @@ def test_cli_exports_and_erases(database_url: str) -> None:
     assert erased.returncode == 0, erased.stderr
     report = json.loads(erased.stdout)
     assert report["profile_erased"] is True and report["pseudonym"] == pseudonym(uid(subject))
+
+
+async def test_erasure_drops_cached_lookups_and_owners_need_an_owner(
+    dl: DataLayer, make_tenant: TenantFactory, add_member: MemberFactory,
+) -> None:
+    t = await make_tenant("Cached")
+    admin = await add_member(t, "admin")
+    co_owner = await add_member(t, "owner")
+    subject = await add_member(t, "member", email=f"cached-{uuid.uuid4().hex[:8]}@example.test")
+    async with dl.session(subject) as db:
+        key = await db.api_keys.create("laptop")
+    async with dl.session(t.owner, readonly=True) as db:
+        cached = await db.users.get(uid(subject))
+        assert cached is not None and cached.email.startswith("cached-")
+        assert await db.users.get(uid(subject)) == cached  # now served from the cache
+    async with dl.session(Context(None), readonly=True) as db:
+        assert await db.api_keys.verify(key.secret) is not None
+    with pytest.raises(PermissionDenied, match="only an owner may erase an owner"):
+        async with dl.session(admin) as db:
+            await db.gdpr.erase(uid(co_owner))
+    async with dl.session(admin) as db:
+        await db.gdpr.erase(uid(subject))
+    async with dl.session(t.owner, readonly=True) as db:
+        assert await db.users.get(uid(subject)) is None
+    async with dl.session(Context(None), readonly=True) as db:
+        assert await db.api_keys.verify(key.secret) is None

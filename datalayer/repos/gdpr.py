@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
+from datalayer.cache import lookups
 from datalayer.core.errors import DataLayerError, ValidationError, translate
 from datalayer.core.rows import RowQuery
 from datalayer.repos._base import FIRST, Repository, check_limit
@@ -229,6 +230,8 @@ class Gdpr(Repository):
         profile = "users.id" in affected
         org = None if ctx is None else ctx.org_id
         redacted = await _redact_audit(db, org, user_id)
+        # Cached lookups of the user (users.get, API-key verifications) go at COMMIT.
+        await lookups.invalidate(db, lookups.user_tag(user_id))
         if profile:
             sessions = db.dl.web_sessions
             if sessions.store == "redis":

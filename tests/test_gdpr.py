@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from datalayer import Context, DataLayer, DataLayerError, PermissionDenied
+from datalayer import Context, DataLayer, DataLayerError, PermissionDenied, ValidationError
 from datalayer.repos.gdpr import SECTIONS, pseudonym
 from tests.conftest import MemberFactory, Tenant, TenantFactory
 
@@ -274,7 +274,7 @@ async def test_export_is_limited_to_what_the_requester_may_see(
     dl: DataLayer, make_tenant: TenantFactory, add_member: MemberFactory,
 ) -> None:
     w = await seed_subject(dl, make_tenant, add_member)
-    async with dl.session(w.b.owner, readonly=True) as db:  # admin of B: B's part only
+    async with dl.session(w.b.owner) as db:  # admin of B: B's part only
         from_b = await db.gdpr.export(w.subject)
     assert from_b["organizations"] == [str(w.b.org_id)]
     orgs = {r.get("org_id") for rows in registry_keys(from_b).values() for r in rows}
@@ -283,22 +283,25 @@ async def test_export_is_limited_to_what_the_requester_may_see(
     assert from_b["workflows"] == [] and from_b["notifications"] == []
     assert from_b["profile"]["email"] == w.email  # B sees its member's profile anyway
     assert "web_sessions.user_id" not in from_b["other"]  # global rows: subject only
-    async with dl.session(w.a.owner, readonly=True) as db:
+    async with dl.session(w.a.owner) as db:
         from_a = await db.gdpr.export(w.subject)
     assert len(from_a["notifications"]) == 1 and len(from_a["workflows"]) == 1
     assert [c["purpose"] for c in from_a["consents"]] == ["marketing"]
-    async with dl.session(w.c.owner, readonly=True) as db:  # C: only its invitation
+    async with dl.session(w.c.owner) as db:  # C: only its invitation
         from_c = await db.gdpr.export(w.subject)
     assert from_c["profile"] is None and from_c["memberships"] == []
     assert list(from_c["other"]) == ["auth_tokens.email"]
     with pytest.raises(PermissionDenied):  # a member may not export another member
-        async with dl.session(w.bystander, readonly=True) as db:
+        async with dl.session(w.bystander) as db:
             await db.gdpr.export(w.subject)
     with pytest.raises(PermissionDenied):
-        async with dl.session(Context(None, user_id=uid(w.bystander)), readonly=True) as db:
+        async with dl.session(Context(None, user_id=uid(w.bystander))) as db:
+            await db.gdpr.export(w.subject)
+    with pytest.raises(ValidationError, match="read-write"):  # an export is audited
+        async with dl.session(w.a.owner, readonly=True) as db:
             await db.gdpr.export(w.subject)
     # the subject themself, with no organization: their organizations and global rows
-    async with dl.session(Context(None, user_id=w.subject), readonly=True) as db:
+    async with dl.session(Context(None, user_id=w.subject)) as db:
         mine = await db.gdpr.export(w.subject)
     assert set(mine["organizations"]) == {str(w.a.org_id), str(w.b.org_id)}
     assert mine["other"]["web_sessions.user_id"][0]["data"]["email"] == w.email
@@ -633,3 +636,20 @@ async def test_erasure_drops_cached_lookups_and_owners_need_an_owner(
         assert await db.users.get(uid(subject)) is None
     async with dl.session(Context(None), readonly=True) as db:
         assert await db.api_keys.verify(key.secret) is None
+
+
+async def test_erasure_reaches_soft_deleted_rows(
+    dl: DataLayer, make_tenant: TenantFactory, add_member: MemberFactory,
+    admin_conn: asyncpg.Connection,
+) -> None:
+    t = await make_tenant("Soft")
+    email = f"gone-{uuid.uuid4().hex[:8]}@example.test"
+    subject = await add_member(t, "member", email=email)
+    async with dl.session(Context(None, user_id=uid(subject))) as db:
+        await db.users.update_profile(uid(subject), display_name=f"Gone {email[5:13]}")
+        assert await db.users.soft_delete(uid(subject))  # the account was closed earlier
+    assert await scan(admin_conn, email)
+    async with dl.system() as db:
+        erased = await db.gdpr.erase(uid(subject))
+    assert erased.affected["users.id"] == 1
+    assert await scan(admin_conn, email, f"Gone {email[5:13]}") == []

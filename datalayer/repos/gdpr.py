@@ -171,10 +171,14 @@ class Gdpr(Repository):
         (about them or by them) and ``other`` (every further registry entry, keyed
         ``"<table>.<column>"``). Secrets (hashes, ciphertexts) are never included.
         ``PermissionDenied`` unless the session is an owner or admin, the subject
-        themself, or ``dl.system()``."""
+        themself, or ``dl.system()``. An export is an audited event: it needs a
+        read-write session (``ValidationError`` otherwise)."""
         if not isinstance(user_id, uuid.UUID):
             raise ValidationError("user_id must be a UUID")
         db = self._db
+        if db.readonly:
+            raise ValidationError("an export is recorded in the audit trail: open a "
+                                  "read-write session")
         ctx = db.context
         rows = await db.many("gdpr.export_all" if ctx is None else "gdpr.export",
                              user_id=user_id)

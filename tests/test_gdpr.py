@@ -653,3 +653,24 @@ async def test_erasure_reaches_soft_deleted_rows(
         erased = await db.gdpr.erase(uid(subject))
     assert erased.affected["users.id"] == 1
     assert await scan(admin_conn, email, f"Gone {email[5:13]}") == []
+
+
+async def test_erasure_signs_out_redis_web_sessions(
+    database_url: str, redis_url: str, redis_prefix: str, redis_client: Any,
+    make_tenant: TenantFactory, add_member: MemberFactory,
+) -> None:
+    from datalayer.web_sessions import WebSessions
+    from tests.conftest import make_layer, make_settings
+
+    t = await make_tenant("Redis")
+    subject = await add_member(t, "member")
+    settings = make_settings(database_url, redis_url=redis_url, migrate_on_start=False,
+                             cache_prefix=f"{redis_prefix}cache:", channel_prefix=redis_prefix,
+                             ratelimit_prefix=redis_prefix)
+    async with make_layer(settings) as layer:
+        layer.web_sessions = WebSessions(layer, store="redis", prefix=redis_prefix)
+        new = await layer.web_sessions.create(uid(subject), {"n": 1})
+        assert await layer.web_sessions.get(new.token) is not None
+        async with layer.system() as db:
+            assert (await db.gdpr.erase(uid(subject))).profile_erased
+        assert await layer.web_sessions.get(new.token) is None

@@ -296,6 +296,9 @@ DECLARE
   v_set text;
   v_bad text;
   v_n bigint;
+  v_orgs uuid[];
+  v_more uuid[];
+  v_org uuid;
 BEGIN
   -- One erasure of a subject at a time (a concurrent second one waits, then finds it done).
   PERFORM pg_advisory_xact_lock(hashtext('datalayer.gdpr_erase'), hashtext(p_user::text));
@@ -303,6 +306,22 @@ BEGIN
     OR (EXISTS (SELECT 1 FROM memberships m WHERE m.org_id = p_org AND m.user_id = p_user)
         AND NOT EXISTS (SELECT 1 FROM memberships m WHERE m.user_id = p_user AND m.org_id <> p_org));
   SELECT u.email INTO v_email FROM users u WHERE u.id = p_user;
+  -- AUDIT HOOK (1/2): the organizations whose audit trail to redact, found before the
+  -- memberships and invitations go: p_org, or every organization the subject belongs to,
+  -- was invited to, or appears in the audit trail of.
+  IF p_org IS NOT NULL THEN
+    v_orgs := ARRAY[p_org];
+  ELSE
+    v_orgs := ARRAY(SELECT m.org_id FROM memberships m WHERE m.user_id = p_user
+                    UNION
+                    SELECT a.org_id FROM auth_tokens a
+                    WHERE a.kind = 'invitation' AND lower(a.email) = lower(v_email));
+    IF to_regclass('public.audit_events') IS NOT NULL THEN
+      EXECUTE 'SELECT array_agg(DISTINCT e.org_id) FROM audit_events e '
+              'WHERE e.actor_user_id = $1 OR e.subject_user_id = $1' INTO v_more USING p_user;
+      v_orgs := v_orgs || coalesce(v_more, '{}');
+    END IF;
+  END IF;
   FOR r IN SELECT * FROM app.personal_data pd
            WHERE pd.erase_action <> 'keep'
            ORDER BY pd.erase_action = 'delete', pd.table_name = 'memberships', 1, 2 LOOP
@@ -358,6 +377,22 @@ BEGIN
     -- The account itself: closed (a pseudonymous row stays for the references to it).
     UPDATE users SET deleted_at = coalesce(deleted_at, now()), status = 'suspended'
     WHERE id = p_user AND (deleted_at IS NULL OR status <> 'suspended');
+  END IF;
+  -- AUDIT HOOK (2/2): once the audit trail exists (another migration), redact the subject
+  -- from it: last, so that the change rows this erasure wrote are redacted too. Dynamic SQL:
+  -- this function must not depend on it. app.audit_redact_subject(org, user) also covers the
+  -- chain of rows without an organization (the zero uuid), used alone when there is no
+  -- organization. Reported as one row ('audit', 'redact_subject', 'redact', rows).
+  IF to_regprocedure('app.audit_redact_subject(uuid, uuid)') IS NOT NULL THEN
+    affected := 0;
+    FOR v_org IN SELECT DISTINCT o FROM unnest(CASE WHEN cardinality(v_orgs) > 0 THEN v_orgs
+                                                    ELSE ARRAY['00000000-0000-0000-0000-000000000000'::uuid] END) AS o
+                 WHERE o IS NOT NULL ORDER BY 1 LOOP
+      EXECUTE 'SELECT app.audit_redact_subject($1, $2)::bigint' INTO v_n USING v_org, p_user;
+      affected := affected + coalesce(v_n, 0);
+    END LOOP;
+    table_name := 'audit'; subject_column := 'redact_subject'; action := 'redact';
+    RETURN NEXT;
   END IF;
 END $$;
 

@@ -230,10 +230,14 @@ class Gdpr(Repository):
         ctx = db.context
         rows = await db.many("gdpr.erase_all" if ctx is None else "gdpr.erase",
                              user_id=user_id)
-        affected = {f"{r['table_name']}.{r['subject_column']}": r["affected"] for r in rows}
+        # The audit trail is redacted inside the same function (AUDIT HOOK in
+        # schema/0016_gdpr.sql: app.audit_redact_subject is for the maintenance role only);
+        # it reports itself as the row ('audit', 'redact_subject').
+        redacted = any(r["table_name"] == "audit" for r in rows)
+        affected = {f"{r['table_name']}.{r['subject_column']}": r["affected"]
+                    for r in rows if r["table_name"] != "audit"}
         profile = "users.id" in affected
         org = None if ctx is None else ctx.org_id
-        redacted = await _redact_audit(db, org, user_id)
         # Cached lookups of the user (users.get, API-key verifications) go at COMMIT.
         await lookups.invalidate(db, lookups.user_tag(user_id))
         if profile:
@@ -248,12 +252,12 @@ class Gdpr(Repository):
 
 
 # -- AUDIT HOOKS ------------------------------------------------------------------------------
-# The only places this module touches the audit trail (schema of another issue): each checks
-# that the object exists and does nothing otherwise, so the GDPR schema works on its own and
-# picks the audit trail up once both are migrated. Contract: table audit_events(org_id, …,
-# actor_user_id, subject_user_id, action, …) under RLS, and the definer function
-# app.audit_redact_subject(org uuid, user_id uuid) that erases a user's personal data from
-# audit_events and data_changes of one organization.
+# The only places this module touches the audit trail (another helper's half of issue 7),
+# besides the redaction inside app.gdpr_erase_in (schema/0016_gdpr.sql). Each checks that
+# the audit trail exists and does nothing otherwise, so the GDPR schema works on its own and
+# picks the audit trail up once both are merged. Contract: table audit_events(org_id, …,
+# actor_user_id, subject_user_id, action, …) under RLS, and the session repository
+# ``db.audit`` with ``record(action, *, subject_user_id=…, org_id=…, actor_user_id=…)``.
 
 async def _raw(db: Session, sql: str, *args: object) -> list[asyncpg.Record]:
     try:
@@ -264,46 +268,32 @@ async def _raw(db: Session, sql: str, *args: object) -> list[asyncpg.Record]:
     return rows
 
 
-async def _has(db: Session, kind: str, name: str) -> bool:
-    fn = "to_regclass" if kind == "table" else "to_regprocedure"
-    rows = await _raw(db, f"SELECT {fn}($1) IS NOT NULL AS ok", name)
-    return bool(rows[0]["ok"])
-
-
 async def _audit_about(db: Session, user_id: uuid.UUID) -> list[dict[str, Any]]:
     """AUDIT HOOK (export): the audit events about or by the subject that the session may
-    see (RLS limits a tenant session to its organization)."""
-    if not await _has(db, "table", "public.audit_events"):
+    see (RLS: a tenant session's organization, and only roles that may read the audit
+    trail), without the chain's hashes and salts."""
+    (has,) = await _raw(db, "SELECT to_regclass('public.audit_events') IS NOT NULL AS ok")
+    if not has["ok"]:
         return []
     ctx = db.context
     rows = await _raw(
-        db, "SELECT to_jsonb(e) AS data FROM audit_events e "
+        db, "SELECT to_jsonb(e) - '{prev_hash,row_hash,pii_salt,pii_commit}'::text[] AS data "
+            "FROM audit_events e "
             "WHERE ($2::uuid IS NULL OR e.org_id = $2) "
             "AND (e.subject_user_id = $1 OR e.actor_user_id = $1)",
         user_id, None if ctx is None else ctx.org_id)
     return [r["data"] for r in rows]
 
 
-async def _redact_audit(db: Session, org: uuid.UUID | None, user_id: uuid.UUID) -> bool:
-    """AUDIT HOOK (erasure): redact the subject from the audit trail of ``org`` (every
-    organization when None). Runs in the erasure's transaction, after the erasure itself,
-    so the change rows the erasure wrote are redacted too."""
-    if not await _has(db, "function", "app.audit_redact_subject(uuid, uuid)"):
-        return False
-    if org is None:
-        orgs = [r["id"] for r in await _raw(db, "SELECT id FROM organizations ORDER BY id")]
-    else:
-        orgs = [org]
-    await _raw(db, "SELECT app.audit_redact_subject(o, $2) FROM unnest($1::uuid[]) AS o",
-               orgs, user_id)
-    return True
-
-
 async def _audit_record(db: Session, action: str, user_id: uuid.UUID) -> None:
-    """AUDIT HOOK (export, erasure): write the audit event of the request. The integrator
-    replaces the INSERT with the audit repository's event call once both are merged."""
-    ctx = db.context
-    if ctx is None or ctx.org_id is None or not await _has(db, "table", "public.audit_events"):
+    """AUDIT HOOK (export, erasure): the audit event of the request, through the audit
+    repository once it exists (``db.audit``): in the context organization, or, from
+    ``dl.system()``, in the chain of rows without an organization."""
+    audit = getattr(db, "audit", None)
+    if audit is None:
         return
-    await _raw(db, "INSERT INTO audit_events (org_id, actor_user_id, subject_user_id, action) "
-                   "VALUES ($1, $2, $3, $4)", ctx.org_id, ctx.user_id, user_id, action)
+    ctx = db.context
+    if ctx is None:
+        await audit.record(action, org_id=uuid.UUID(int=0), subject_user_id=user_id)
+    elif ctx.org_id is not None:
+        await audit.record(action, subject_user_id=user_id)

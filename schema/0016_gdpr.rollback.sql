@@ -1,6 +1,7 @@
 DROP FUNCTION app.gdpr_erase_all(uuid);
 DROP FUNCTION app.gdpr_erase(uuid);
 DROP FUNCTION app.gdpr_erase_in(uuid, uuid);
+DROP FUNCTION app.gdpr_redact_audit(uuid, uuid[]);
 DROP FUNCTION app.gdpr_export_all(uuid);
 DROP FUNCTION app.gdpr_export(uuid);
 DROP FUNCTION app.gdpr_rows(uuid, uuid[], boolean, boolean);

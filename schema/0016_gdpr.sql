@@ -145,7 +145,33 @@ INSERT INTO app.personal_data (table_name, subject_column, match, org_column, co
 
 INSERT INTO app.personal_data_exempt (table_name, column_name, reason) VALUES
   ('memberships', 'invited_by', 'who invited another member: the row is about the invitee'),
-  ('auth_tokens', 'created_by', 'who sent an invitation: the row is about the invitee''s address');
+  ('auth_tokens', 'created_by', 'who sent an invitation: the row is about the invitee''s address'),
+  -- The audit trail (schema/0015_audit.sql, the other half of this issue; rows naming tables
+  -- that do not exist are inert): exported by the export's audit hook and redacted by
+  -- app.audit_redact_subject, not by the generic registry statements.
+  ('audit_events', 'actor_user_id', 'the audit trail: exported and redacted by the audit hooks'),
+  ('audit_events', 'subject_user_id', 'the audit trail: exported and redacted by the audit hooks'),
+  ('data_changes', 'actor_user_id', 'the audit trail: redacted by app.audit_redact_subject'),
+  ('audit_legal_holds', 'set_by', 'who set a legal hold: the row is about the organization');
+
+-- The audit trail's change capture (schema/0015_audit.sql, when present) keeps personal
+-- columns out of before/after, in a redactable part, by its own list app.personal_columns:
+-- every personal column of this registry belongs there too (secrets excluded: those are
+-- never copied at all). A later migration that registers a table here adds its columns
+-- there in the same way.
+DO $$
+BEGIN
+  IF to_regclass('app.personal_columns') IS NOT NULL THEN
+    EXECUTE $sql$
+      INSERT INTO app.personal_columns (table_name, column_name)
+      SELECT DISTINCT p.table_name, c
+      FROM app.personal_data p CROSS JOIN LATERAL unnest(p.columns) AS c
+      WHERE c <> ALL (p.secret_columns)
+        AND NOT EXISTS (SELECT 1 FROM app.secret_columns s
+                        WHERE s.table_name = p.table_name AND s.column_name = c)
+      ON CONFLICT DO NOTHING $sql$;
+  END IF;
+END $$;
 
 -- Pseudonyms and masking ------------------------------------------------------------------------
 -- The stable pseudonym of an erased user: the same for every run (erasure is idempotent) and
@@ -276,6 +302,34 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, public, pg_te
 AS $$ SELECT * FROM app.gdpr_rows(p_user, NULL, true, true) $$;
 
 -- Erasure ---------------------------------------------------------------------------------------
+-- AUDIT HOOK: once the audit trail exists (schema/0015_audit.sql, the other half of this
+-- issue), redact p_user from it in each organization of p_orgs; NULL when it does not exist.
+-- Dynamic SQL: nothing here depends on it. app.audit_redact_subject(org, user) also covers
+-- the chain of rows without an organization (the zero uuid), used alone when p_orgs is empty.
+-- It finds change rows by the subject's ids and by their email addresses, current (users)
+-- and historic (captured users rows): so app.gdpr_erase_in calls it before it anonymizes
+-- the profile, and once more after, for the change rows the anonymization wrote.
+CREATE FUNCTION app.gdpr_redact_audit(p_user uuid, p_orgs uuid[]) RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, public, pg_temp
+AS $$
+DECLARE
+  v_org uuid;
+  v_n bigint;
+  v_total bigint := 0;
+BEGIN
+  IF to_regprocedure('app.audit_redact_subject(uuid, uuid)') IS NULL THEN
+    RETURN NULL;
+  END IF;
+  FOR v_org IN SELECT DISTINCT o
+               FROM unnest(CASE WHEN cardinality(p_orgs) > 0 THEN p_orgs
+                                ELSE ARRAY['00000000-0000-0000-0000-000000000000'::uuid] END) AS o
+               WHERE o IS NOT NULL ORDER BY 1 LOOP
+    EXECUTE 'SELECT app.audit_redact_subject($1, $2)::bigint' INTO v_n USING v_org, p_user;
+    v_total := v_total + coalesce(v_n, 0);
+  END LOOP;
+  RETURN v_total;
+END $$;
+
 -- Erase p_user's personal data in organization p_org (NULL: every organization), live and
 -- soft-deleted rows alike, following the registry: anonymize first, then delete
 -- (memberships last, as their foreign keys take dependent rows along). Global rows (the
@@ -298,7 +352,8 @@ DECLARE
   v_n bigint;
   v_orgs uuid[];
   v_more uuid[];
-  v_org uuid;
+  v_redacted boolean := false;
+  v_audit bigint;
 BEGIN
   -- One erasure of a subject at a time (a concurrent second one waits, then finds it done).
   PERFORM pg_advisory_xact_lock(hashtext('datalayer.gdpr_erase'), hashtext(p_user::text));
@@ -306,7 +361,7 @@ BEGIN
     OR (EXISTS (SELECT 1 FROM memberships m WHERE m.org_id = p_org AND m.user_id = p_user)
         AND NOT EXISTS (SELECT 1 FROM memberships m WHERE m.user_id = p_user AND m.org_id <> p_org));
   SELECT u.email INTO v_email FROM users u WHERE u.id = p_user;
-  -- AUDIT HOOK (1/2): the organizations whose audit trail to redact, found before the
+  -- AUDIT HOOK: the organizations whose audit trail to redact, found before the
   -- memberships and invitations go: p_org, or every organization the subject belongs to,
   -- was invited to, or appears in the audit trail of.
   IF p_org IS NOT NULL THEN
@@ -324,9 +379,15 @@ BEGIN
   END IF;
   FOR r IN SELECT * FROM app.personal_data pd
            WHERE pd.erase_action <> 'keep'
-           ORDER BY pd.erase_action = 'delete', pd.table_name = 'memberships', 1, 2 LOOP
+           ORDER BY pd.table_name = 'users', pd.erase_action = 'delete',
+                    pd.table_name = 'memberships', 1, 2 LOOP
     IF r.org_column IS NULL AND NOT v_global THEN
       CONTINUE;
+    END IF;
+    IF r.table_name = 'users' AND NOT v_redacted THEN
+      -- AUDIT HOOK: while the profile still holds the addresses redaction looks for.
+      v_audit := app.gdpr_redact_audit(p_user, v_orgs);
+      v_redacted := true;
     END IF;
     IF r.match = 'email' THEN
       CONTINUE WHEN v_email IS NULL;
@@ -378,20 +439,16 @@ BEGIN
     UPDATE users SET deleted_at = coalesce(deleted_at, now()), status = 'suspended'
     WHERE id = p_user AND (deleted_at IS NULL OR status <> 'suspended');
   END IF;
-  -- AUDIT HOOK (2/2): once the audit trail exists (another migration), redact the subject
-  -- from it: last, so that the change rows this erasure wrote are redacted too. Dynamic SQL:
-  -- this function must not depend on it. app.audit_redact_subject(org, user) also covers the
-  -- chain of rows without an organization (the zero uuid), used alone when there is no
-  -- organization. Reported as one row ('audit', 'redact_subject', 'redact', rows).
-  IF to_regprocedure('app.audit_redact_subject(uuid, uuid)') IS NOT NULL THEN
-    affected := 0;
-    FOR v_org IN SELECT DISTINCT o FROM unnest(CASE WHEN cardinality(v_orgs) > 0 THEN v_orgs
-                                                    ELSE ARRAY['00000000-0000-0000-0000-000000000000'::uuid] END) AS o
-                 WHERE o IS NOT NULL ORDER BY 1 LOOP
-      EXECUTE 'SELECT app.audit_redact_subject($1, $2)::bigint' INTO v_n USING v_org, p_user;
-      affected := affected + coalesce(v_n, 0);
-    END LOOP;
+  -- AUDIT HOOK: the rest (or all, when the profile stayed), and the change rows the
+  -- profile's anonymization just wrote. Reported as ('audit', 'redact_subject', 'redact', n).
+  IF NOT v_redacted THEN
+    v_audit := app.gdpr_redact_audit(p_user, v_orgs);
+  ELSE
+    v_audit := v_audit + app.gdpr_redact_audit(p_user, v_orgs[1:1]);
+  END IF;
+  IF v_audit IS NOT NULL THEN
     table_name := 'audit'; subject_column := 'redact_subject'; action := 'redact';
+    affected := v_audit;
     RETURN NEXT;
   END IF;
 END $$;
@@ -435,6 +492,7 @@ DECLARE
 BEGIN
   FOREACH f IN ARRAY ARRAY[
     'app.gdpr_rows(uuid, uuid[], boolean, boolean)', 'app.gdpr_export(uuid)',
+    'app.gdpr_redact_audit(uuid, uuid[])',
     'app.gdpr_export_all(uuid)', 'app.gdpr_erase_in(uuid, uuid)', 'app.gdpr_erase(uuid)',
     'app.gdpr_erase_all(uuid)', 'app.gdpr_pseudonym(uuid)', 'app.mask_email(text)',
     'app.mask_ip(inet)', 'app.sees_personal_data(uuid)', 'app.visible_email(text, uuid)',
@@ -451,5 +509,5 @@ GRANT EXECUTE ON FUNCTION app.gdpr_export(uuid), app.gdpr_erase(uuid),
   TO datalayer_app, datalayer_maint;
 GRANT EXECUTE ON FUNCTION app.gdpr_export_all(uuid), app.gdpr_erase_all(uuid),
                           app.gdpr_rows(uuid, uuid[], boolean, boolean),
-                          app.gdpr_erase_in(uuid, uuid)
+                          app.gdpr_erase_in(uuid, uuid), app.gdpr_redact_audit(uuid, uuid[])
   TO datalayer_maint;

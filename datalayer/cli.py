@@ -292,6 +292,44 @@ async def _audit(args: argparse.Namespace) -> int:
             print(f"  {e.at.isoformat()}  {e.risk:8} {e.action:28} {e.result:8} "
                   f"actor={e.actor_user_id} subject={e.subject_user_id} "
                   f"{e.resource_type or ''}:{e.resource_id or ''}")
+# -- gdpr -------------------------------------------------------------------------------------
+async def _gdpr(args: argparse.Namespace) -> int:
+    import uuid
+
+    from datalayer.core.context import Context
+
+    def uid(value: str, flag: str) -> uuid.UUID:
+        try:
+            return uuid.UUID(value)
+        except ValueError:
+            raise DataLayerError(f"{flag} must be a UUID") from None
+
+    user = uid(args.user, "--user")
+    if (args.org is None) != (args.as_user is None):
+        raise DataLayerError("--org and --as go together (a requester in an organization); "
+                             "without both the command runs as maintenance, every organization")
+    if args.action == "erase" and not args.yes:
+        raise DataLayerError("erasure cannot be undone: add --yes")
+    async with DataLayer(_settings()) as dl:
+        if args.org is None:
+            scope = dl.system()
+        else:
+            org, requester = uid(args.org, "--org"), uid(args.as_user, "--as")
+            async with dl.system() as sysdb:
+                role = await sysdb.connection.fetchval(
+                    "SELECT role FROM memberships WHERE org_id = $1 AND user_id = $2",
+                    org, requester)
+            if role is None:
+                raise DataLayerError("--as is not a member of --org")
+            scope = dl.session(Context(org, user_id=requester, role=role))
+        async with scope as db:
+            if args.action == "export":
+                _json(await db.gdpr.export(user))
+            else:
+                e = await db.gdpr.erase(user)
+                _json({"user_id": e.user_id, "pseudonym": e.pseudonym,
+                       "organization": e.organization, "affected": e.affected,
+                       "profile_erased": e.profile_erased, "audit_redacted": e.audit_redacted})
     return 0
 
 
@@ -378,6 +416,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--framework", choices=["GDPR", "SOX", "HIPAA"], default=None,
                    help="report: only events that matter to this framework")
     a.add_argument("--json", action="store_true")
+    g = add("gdpr", _async(_gdpr),
+            "GDPR subject requests: 'export' prints everything stored about a user as JSON; "
+            "'erase' erases or anonymizes it (with --org/--as: as that organization member, "
+            "in that organization; without: maintenance, every organization)")
+    g.add_argument("action", choices=["export", "erase"])
+    g.add_argument("--user", required=True, help="the subject's user id")
+    g.add_argument("--org", default=None, help="the requester's organization id")
+    g.add_argument("--as", dest="as_user", default=None,
+                   help="the requester's user id (an owner or admin of --org, or the subject)")
+    g.add_argument("--yes", action="store_true", help="erase: confirm")
     return p
 
 

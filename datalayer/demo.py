@@ -39,6 +39,7 @@ async def run_demo(dl: DataLayer, out: TextIO) -> None:
     await _credentials(dl, out)
     await _notifications(dl, out)
     await _audit(dl, out)
+    await _gdpr(dl, out)
 
 
 async def _tenancy(dl: DataLayer, out: TextIO) -> None:
@@ -630,4 +631,49 @@ async def _audit(dl: DataLayer, out: TextIO) -> None:
     say("the maintenance role quietly rewrites that change row's 'after' ...")
     report = await verify_chain(dl, org_id, saved=saved)
     say(f"verify_chain: ok={report.ok}: {report.problems}")
+async def _gdpr(dl: DataLayer, out: TextIO) -> None:
+    say = _printer(out)
+
+    run = uuid.uuid4().hex[:6]
+    say("== GDPR: consent, masking, a subject export, erasure ==")
+    org_id, owner_id, dana_id = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    owner = Context(org_id, user_id=owner_id, role="owner", request_id=f"demo-{run}")
+    dana_email = f"dana-{run}@wayne.example"
+    async with dl.session(owner) as db:
+        await db.orgs.create(slug=f"wayne-{run}", name="Wayne")
+        await db.users.create(email=f"owner-{run}@wayne.example", display_name="Bruce")
+        await db.memberships.add(owner_id, "owner")
+        token = await db.auth.invite(dana_email, "member")
+    async with dl.session(Context(None, user_id=dana_id)) as db:
+        await db.users.create(email=dana_email, display_name="Dana Scully")
+        await db.auth.consume_token("invitation", token)
+    dana = Context(org_id, user_id=dana_id, role="member", request_id=f"demo-{run}")
+    async with dl.session(dana) as db:
+        await db.gdpr.record_consent("marketing", granted=True, notice_version="2026-01")
+        await db.gdpr.record_consent("marketing", granted=False, notice_version="2026-03")
+        await db.gdpr.record_consent("analytics", granted=True, notice_version="2026-03")
+        state = await db.gdpr.consents()
+        await db.workflows.create("Dana's report")
+        say("Dana's consent state (latest record per purpose): "
+            + ", ".join(f"{p}={'granted' if c.granted else 'withdrawn'} ({c.notice_version})"
+                        for p, c in sorted(state.items())))
+        members = {m.display_name: m.email for m in await db.gdpr.members()}
+        say(f"Dana (member) sees the members as {members}")
+    async with dl.session(owner, readonly=True) as db:
+        members = {m.display_name: m.email for m in await db.gdpr.members()}
+        say(f"the owner sees them as {members}")
+    async with dl.session(owner) as db:
+        export = await db.gdpr.export(dana_id)
+    say(f"subject export of Dana by the owner: profile {export['profile']['email']!r}, "
+        f"{len(export['memberships'])} membership, {len(export['workflows'])} workflow, "
+        f"{len(export['consents'])} consent records, other: {sorted(export['other'])}")
+    async with dl.session(owner) as db:
+        erased = await db.gdpr.erase(dana_id)
+    say(f"erasure in Wayne: {erased.affected}; profile erased: {erased.profile_erased} "
+        f"(Dana belonged to no other organization), pseudonym {erased.pseudonym!r}")
+    async with dl.system() as db:
+        left = await db.connection.fetchval(
+            "SELECT count(*) FROM users WHERE email = $1 OR display_name = 'Dana Scully'",
+            dana_email)
+    say(f"rows still holding Dana's email or name: {left}")
     say()

@@ -494,7 +494,8 @@ async def join(dl: DataLayer, owner: Context, uid: uuid.UUID, role: str) -> None
 async def make_tenant(dl: DataLayer, tag: str) -> Tenant:
     """An organization with an owner (TOTP set up), a viewer, a guest, a team, an API key
     and a pending invitation: a row in every table of the identity schema; and a private
-    workflow with two versions, shares and statistics."""
+    workflow with two versions, shares and statistics; a credential, a webhook with an
+    event, and a consent record."""
     org_id, h = uuid.uuid4(), uuid.uuid4().hex[:10]
     email = f"{tag}-owner-{h}@example.test"
     owner_id = uuid.uuid4()
@@ -532,6 +533,7 @@ async def make_tenant(dl: DataLayer, tag: str) -> Tenant:
         await db.webhooks.ingest(hook.webhook.id, idempotency_key=f"{tag}-evt-{h}",
                                  event_type=f"{tag}.event", payload={"h": h},
                                  source_ip="192.0.2.7")
+        await db.gdpr.record_consent(f"{tag}-purpose", granted=True, notice_version=f"v-{h}")
     return Tenant(tag, org_id, owner_id, viewer_id, guest_id, email)
 
 

@@ -44,6 +44,7 @@ from datalayer.repos.audit import Audit
 from datalayer.repos.auth import Auth
 from datalayer.repos.credentials import Credentials
 from datalayer.repos.executions import Executions
+from datalayer.repos.gdpr import Gdpr
 from datalayer.repos.memberships import Memberships
 from datalayer.repos.notifications import Notifications
 from datalayer.repos.orgs import Organizations
@@ -349,6 +350,8 @@ class Session:
     @property
     def audit(self) -> Audit:
         return self._repo(Audit)
+    def gdpr(self) -> Gdpr:
+        return self._repo(Gdpr)
 
 
 _SHAPE_CALL: dict[Shape, Any] = {

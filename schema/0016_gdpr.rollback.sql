@@ -1,0 +1,18 @@
+DROP FUNCTION app.gdpr_erase_all(uuid);
+DROP FUNCTION app.gdpr_erase(uuid);
+DROP FUNCTION app.gdpr_erase_in(uuid, uuid);
+DROP FUNCTION app.gdpr_redact_audit(uuid, uuid[]);
+DROP FUNCTION app.gdpr_export_all(uuid);
+DROP FUNCTION app.gdpr_export(uuid);
+DROP FUNCTION app.gdpr_rows(uuid, uuid[], boolean, boolean);
+DROP VIEW org_members_masked;
+DROP FUNCTION app.visible_ip(inet, uuid);
+DROP FUNCTION app.visible_email(text, uuid);
+DROP FUNCTION app.sees_personal_data(uuid);
+DROP FUNCTION app.mask_ip(inet);
+DROP FUNCTION app.mask_email(text);
+DROP FUNCTION app.gdpr_pseudonym(uuid);
+DROP TABLE consents;
+DROP FUNCTION app.consents_append_only();
+DROP TABLE app.personal_data_exempt;
+DROP TABLE app.personal_data;

@@ -32,6 +32,7 @@ from datalayer.core.sqlfile import Shape
 
 if TYPE_CHECKING:
     from datalayer.core.database import DataLayer
+    from datalayer.core.session import Session
 
 __all__ = ["Recommendation", "Stats", "Thresholds", "collect", "format_stats"]
 
@@ -82,6 +83,12 @@ SELECT (SELECT extversion FROM pg_extension WHERE extname = 'pg_stat_statements'
        'pg_stat_statements' = ANY (string_to_array(
          replace(current_setting('shared_preload_libraries'), ' ', ''), ',')) AS loaded
 """
+_PGSS_STATE_UNPRIVILEGED = """
+SELECT (SELECT extversion FROM pg_extension WHERE extname = 'pg_stat_statements') AS installed,
+       EXISTS (SELECT FROM pg_available_extensions WHERE name = 'pg_stat_statements')
+         AS available,
+       NULL::bool AS loaded
+"""
 # Fixed text; the view's columns are those of PostgreSQL 13+ (total_exec_time, …).
 _PGSS = r"""
 SELECT substring(query FROM '^/\* datalayer:([^ ]+) \*/') AS name,
@@ -105,7 +112,7 @@ async def collect(dl: DataLayer, *, explain: bool = True,
                    "samples_dropped": m.dropped, "samples_buffered": len(m.buffer)}
     pgss: dict[str, dict[str, Any]] = {}
     async with dl.system() as db:
-        out.pg_stat_statements, pgss = await _pg_stat_statements(db.connection)
+        out.pg_stat_statements, pgss = await _pg_stat_statements(db)
         since = datetime.now(UTC) - timedelta(days=1)
         out.slow_samples = [_plain(r) for r in await db.many(
             "query_performance.slowest", since=since, limit=20)]
@@ -127,13 +134,18 @@ def _plain(r: Any) -> dict[str, Any]:
     return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in dict(r).items()}
 
 
-async def _pg_stat_statements(conn: asyncpg.Connection,
+async def _pg_stat_statements(db: Session,
                               ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    state = await conn.fetchrow(_PGSS_STATE)
+    conn = db.connection
+    try:
+        async with db.savepoint():
+            state = await conn.fetchrow(_PGSS_STATE)
+    except asyncpg.InsufficientPrivilegeError:  # no pg_monitor: try the view to find out
+        state = await conn.fetchrow(_PGSS_STATE_UNPRIVILEGED)
     assert state is not None
     info: dict[str, Any] = {"installed": state["installed"] is not None,
-                            "loaded": bool(state["loaded"])}
-    if not state["installed"] or not state["loaded"]:
+                            "loaded": state["loaded"]}
+    if not state["installed"] or state["loaded"] is False:
         steps = []
         if not state["loaded"]:
             steps.append("add pg_stat_statements to shared_preload_libraries and restart")
@@ -144,7 +156,7 @@ async def _pg_stat_statements(conn: asyncpg.Connection,
         info.update(available=False, action="; then ".join(steps))
         return info, {}
     try:
-        async with conn.transaction():  # a savepoint: the view may still refuse
+        async with db.savepoint():  # the view may still refuse
             rows = await conn.fetch(_PGSS)
     except asyncpg.PostgresError as exc:
         info.update(available=False, action=f"pg_stat_statements failed: {exc}")
@@ -179,7 +191,12 @@ async def _catalog(db: Any, t: Thresholds) -> list[Recommendation]:
             f"{r['table_name']}",
             f"if no replica or rare job uses it either: DROP INDEX CONCURRENTLY "
             f"{r['index_name']} (in a new migration); every write pays for it"))
-    for r in await db.many("stats.duplicate_indexes"):
+    seen: set[str] = set()
+    dups = await db.many("stats.duplicate_indexes")
+    for r in sorted(dups, key=lambda r: (r["index_name"], not r["identical"])):
+        if r["index_name"] in seen:  # one line per index: identical twin first
+            continue
+        seen.add(r["index_name"])
         how = "the same definition as" if r["identical"] else "a leading prefix of"
         recs.append(Recommendation(
             "duplicate_index", r["index_name"],
@@ -224,10 +241,10 @@ async def _plans(dl: DataLayer, t: Thresholds) -> list[Recommendation]:
     try:
         async with conn.transaction():
             await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
-            for q in dl.registry.values():
+            for n, q in enumerate(dl.registry.values()):
                 if q.shape is Shape.COPY:
                     continue
-                plan = await _explain(conn, q.sql, len(q.params), ctx)
+                plan = await _explain(conn, q.sql, len(q.params), ctx, f"dl_stats_{n}")
                 if plan is None:
                     continue
                 big = sorted({rel for rel in _seq_scans(plan)
@@ -254,20 +271,20 @@ class _Rollback(Exception):
     pass
 
 
-async def _explain(conn: asyncpg.Connection, sql: str, nparams: int,
-                   ctx: Context) -> Any | None:
+async def _explain(conn: asyncpg.Connection, sql: str, nparams: int, ctx: Context,
+                   name: str) -> Any | None:
+    # Prepared statements outlive a rolled-back savepoint: one name per attempt, and the
+    # connection (closed afterwards) takes them all away.
     args = ", ".join(["NULL"] * nparams)
-    for setup in (ctx.local_sql, f"SET LOCAL ROLE {MAINT_ROLE}"):
+    for i, setup in enumerate((ctx.local_sql, f"SET LOCAL ROLE {MAINT_ROLE}")):
+        stmt = f"{name}_{i}"
         try:
             async with conn.transaction():  # savepoint: a failure leaves the rest usable
                 await conn.execute(setup)
-                await conn.execute(f"PREPARE dl_stats_plan AS {sql}")
-                try:
-                    text = await conn.fetchval(
-                        f"EXPLAIN (FORMAT JSON) EXECUTE dl_stats_plan{f'({args})' if args else ''}")
-                finally:
-                    await conn.execute("DEALLOCATE dl_stats_plan")
-                return json.loads(text) if isinstance(text, str) else text
+                await conn.execute(f"PREPARE {stmt} AS {sql}")
+                text = await conn.fetchval(
+                    f"EXPLAIN (FORMAT JSON) EXECUTE {stmt}{f'({args})' if args else ''}")
+            return json.loads(text) if isinstance(text, str) else text
         except asyncpg.InsufficientPrivilegeError:
             continue
         except asyncpg.PostgresError:

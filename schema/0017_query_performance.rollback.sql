@@ -1,3 +1,3 @@
 DROP TABLE maintenance_runs;
 DROP TABLE query_performance;
--- pg_read_all_stats stays granted: roles are cluster-wide, other databases may rely on it.
+-- pg_monitor stays granted: roles are cluster-wide, other databases may rely on it.

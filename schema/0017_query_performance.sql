@@ -13,8 +13,10 @@
 -- * maintenance_runs holds one row per job (datalayer/maintenance.py): the last start and
 --   end, ok or the error, the job's counts, and when it last succeeded.
 --
--- pg_read_all_stats lets the maintenance role read pg_stat_statements' text of the
--- statements the app role ran (`datalayer stats`); granted when the migrating role may.
+-- pg_monitor (pg_read_all_stats, pg_read_all_settings) lets the maintenance role read
+-- pg_stat_statements' text of the statements the app role ran, other sessions' transactions
+-- and shared_preload_libraries (`datalayer stats`, `datalayer health`); granted when the
+-- migrating role may grant it.
 
 CREATE TABLE query_performance (
   id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -51,9 +53,9 @@ REVOKE ALL ON query_performance, maintenance_runs FROM PUBLIC;
 
 DO $$
 BEGIN
-  GRANT pg_read_all_stats TO datalayer_maint;
+  GRANT pg_monitor TO datalayer_maint;
 EXCEPTION WHEN insufficient_privilege THEN
-  RAISE NOTICE 'pg_read_all_stats not granted to datalayer_maint: datalayer stats will see '
-               'only its own pg_stat_statements entries';
+  RAISE NOTICE 'pg_monitor not granted to datalayer_maint: datalayer stats and health will '
+               'see only what the role may see';
 END
 $$;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -122,3 +123,14 @@ async def test_maintenance_jobs_do_their_work(dl: DataLayer, admin_conn: asyncpg
     assert r.status == "ok" and r.counts["deleted"] >= 1
     assert await admin_conn.fetchval(
         "SELECT count(*) FROM query_performance WHERE query_name = $1", tag) == 1
+
+
+def test_cli_maintain_runs_the_named_jobs(database_url: str) -> None:
+    from tests.test_cli import cli
+
+    result = cli("maintain", "--job", "partitions", "--job", "web_sessions.sweep", "--json",
+                 DATABASE_URL=database_url)
+    assert result.returncode == 0, result.stderr
+    assert [r["job"] for r in json.loads(result.stdout)] == ["partitions", "web_sessions.sweep"]
+    bad = cli("maintain", "--job", "nope", DATABASE_URL=database_url)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -118,3 +119,14 @@ async def test_in_process_figures_and_pg_stat_statements_state(
     assert "orgs.get" in text and "recommendations" in text
     assert set(stats.as_dict()) == {"queries", "pg_stat_statements", "slow_samples",
                                     "metrics", "recommendations"}
+
+
+def test_cli_stats_json_and_text(database_url: str) -> None:
+    from tests.test_cli import cli
+
+    result = cli("stats", "--json", "--no-explain", DATABASE_URL=database_url)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert {"queries", "pg_stat_statements", "recommendations"} <= set(data)
+    text = cli("stats", "--no-explain", "--top", "3", DATABASE_URL=database_url)
+    assert text.returncode == 0 and "recommendations (" in text.stdout

@@ -58,6 +58,7 @@ configuration (environment):
   DATALAYER_QUERY_SAMPLE_RATE      share of slow queries written to query_performance (1.0)
   DATALAYER_QUERY_BUFFER_MAX       slow-query samples waiting to be written (10000)
   DATALAYER_OTEL_SPANS             an OpenTelemetry span per query, needs datalayer[otel] (false)
+  DATALAYER_EXECUTION_RETENTION_DAYS  `maintain` drops older execution partitions, 0 = keep (0)
 """
 
 

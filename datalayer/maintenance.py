@@ -44,6 +44,7 @@ JobFn = Callable[["DataLayer"], Awaitable[dict[str, int]]]
 # Retention of the operator and queue tables the jobs below prune.
 WEBHOOK_EVENT_RETENTION = timedelta(days=30)
 QUERY_SAMPLE_RETENTION = timedelta(days=14)
+VIOLATION_RETENTION = timedelta(days=30)
 BATCH = 5000
 
 
@@ -168,6 +169,25 @@ async def clean_postgres_cache(dl: DataLayer) -> dict[str, int]:
     return {"entries": entries, "leases_counters_versions": aux, "stats": stats}
 
 
+async def drop_old_partitions(dl: DataLayer) -> dict[str, int]:
+    """Execution history retention: monthly partitions (and default-partition rows) older
+    than ``DATALAYER_EXECUTION_RETENTION_DAYS``; nothing when that is 0 (keep forever)."""
+    days = dl.settings.execution_retention_days
+    if not days:
+        return {"dropped": 0}
+    before = (datetime.now(UTC) - timedelta(days=days)).date()
+    async with dl.system() as db:
+        rows = await db.many("partitions.drop_before", before=before)
+    return {"dropped": len(rows)}
+
+
+async def prune_ratelimit_violations(dl: DataLayer) -> dict[str, int]:
+    """Rate-limit violation windows older than VIOLATION_RETENTION."""
+    before = datetime.now(UTC) - VIOLATION_RETENTION
+    async with dl.system() as db:
+        return {"deleted": await db.execrows("ratelimit.prune_violations", before=before)}
+
+
 async def prune_query_samples(dl: DataLayer) -> dict[str, int]:
     """Slow-query samples older than QUERY_SAMPLE_RETENTION."""
     before = datetime.now(UTC) - QUERY_SAMPLE_RETENTION
@@ -182,12 +202,15 @@ async def prune_query_samples(dl: DataLayer) -> dict[str, int]:
 # The registry: one line per job. Other domains add theirs here.
 JOBS: tuple[Job, ...] = (
     Job("partitions", ensure_partitions, "create the coming months' execution partitions"),
+    Job("partitions.retention", drop_old_partitions,
+        "drop execution partitions past DATALAYER_EXECUTION_RETENTION_DAYS"),
     Job("executions.reap", reap_executions, "requeue or fail executions of dead workers"),
     Job("webhooks.reap", reap_webhook_events, "requeue webhook events of dead workers"),
     Job("webhooks.purge", purge_webhook_events, "delete old processed/dead webhook events"),
     Job("notifications.expired", delete_expired_notifications, "delete expired notifications"),
     Job("credentials.expired", deactivate_expired_credentials, "invalidate expired credentials"),
     Job("ratelimit.sweep", sweep_ratelimit_buckets, "drop full rate-limit buckets"),
+    Job("ratelimit.violations", prune_ratelimit_violations, "delete old violation windows"),
     Job("web_sessions.sweep", sweep_web_sessions, "delete expired web sessions"),
     Job("cache.cleanup", clean_postgres_cache, "expired PostgreSQL cache rows, old stats"),
     Job("query_performance.prune", prune_query_samples, "delete old slow-query samples"),

@@ -63,6 +63,7 @@ class Settings:
     query_sample_rate: float = 1.0  # share of slow executions written to query_performance
     query_buffer_max: int = 10_000  # slow samples waiting to be written; more are dropped
     otel_spans: bool = False  # an OpenTelemetry span per query (needs datalayer[otel])
+    execution_retention_days: int = 0  # maintenance drops older execution partitions; 0 = keep
     # "kid:base64key,…", the first one active. Secret: never in repr.
     keys: str | None = field(default=None, repr=False)
 
@@ -117,6 +118,8 @@ class Settings:
             raise ConfigError("DATALAYER_SLOW_QUERY_MS must be >= 0 (0 disables it)")
         if not 0 <= self.query_sample_rate <= 1:
             raise ConfigError("DATALAYER_QUERY_SAMPLE_RATE must be between 0 and 1")
+        if self.execution_retention_days < 0:
+            raise ConfigError("DATALAYER_EXECUTION_RETENTION_DAYS must be >= 0 (0 keeps all)")
         if self.query_buffer_max < 1:
             raise ConfigError("DATALAYER_QUERY_BUFFER_MAX must be >= 1")
         # Imported here: the ratelimit package imports modules that import this one.
@@ -173,6 +176,7 @@ class Settings:
             "ratelimit_timeout_ms": "DATALAYER_RATELIMIT_TIMEOUT_MS",
             "cache_max_bytes": "DATALAYER_CACHE_MAX_BYTES",
             "query_buffer_max": "DATALAYER_QUERY_BUFFER_MAX",
+            "execution_retention_days": "DATALAYER_EXECUTION_RETENTION_DAYS",
         }
         for attr, var in ints.items():
             if e.get(var):

@@ -134,3 +134,17 @@ def test_cli_maintain_runs_the_named_jobs(database_url: str) -> None:
     assert [r["job"] for r in json.loads(result.stdout)] == ["partitions", "web_sessions.sweep"]
     bad = cli("maintain", "--job", "nope", DATABASE_URL=database_url)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+async def test_retention_jobs_run_with_their_settings(dl: DataLayer) -> None:
+    from dataclasses import replace
+
+    [r] = await dl.maintain(["partitions.retention"])
+    assert r.status == "ok" and r.counts == {"dropped": 0}  # 0 days: keep everything
+    layer = DataLayer(replace(dl.settings, execution_retention_days=3650))
+    layer._pool = dl.pool  # reuse the started pool; only the setting differs
+    try:
+        results = await layer.maintain(["partitions.retention", "ratelimit.violations"])
+    finally:
+        layer._pool = None
+    assert [x.status for x in results] == ["ok", "ok"], results

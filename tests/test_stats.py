@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from datalayer import DataLayer
+from datalayer import Context, DataLayer
 from datalayer.stats import Recommendation, Thresholds, collect, format_stats
 from tests.conftest import TenantFactory, make_layer, make_settings
 
@@ -130,3 +131,44 @@ def test_cli_stats_json_and_text(database_url: str) -> None:
     assert {"queries", "pg_stat_statements", "recommendations"} <= set(data)
     text = cli("stats", "--no-explain", "--top", "3", DATABASE_URL=database_url)
     assert text.returncode == 0 and "recommendations (" in text.stdout
+
+
+PGSS_URL = os.environ.get("DATALAYER_TEST_PGSS_URL")
+
+
+@pytest.mark.skipif(not PGSS_URL, reason="set DATALAYER_TEST_PGSS_URL to an admin URL of a "
+                    "server with pg_stat_statements in shared_preload_libraries")
+async def test_pg_stat_statements_rows_are_matched_by_provenance_comment() -> None:
+    assert PGSS_URL is not None
+    name = f"dl_test_pgss_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(PGSS_URL)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    url = PGSS_URL.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        conn = await asyncpg.connect(url)
+        await conn.execute("CREATE EXTENSION pg_stat_statements")
+        await conn.close()
+        async with make_layer(make_settings(url)) as layer:
+            org_id = uuid.uuid4()
+            ctx = Context(org_id, user_id=uuid.uuid4(), role="owner")
+            async with layer.session(ctx) as db:
+                await db.orgs.create(slug=f"p-{uuid.uuid4().hex[:8]}", name="P")
+            for _ in range(3):
+                async with layer.session(ctx, readonly=True) as db:
+                    await db.orgs.get(org_id)
+            stats = await layer.stats(explain=False)
+        assert stats.pg_stat_statements == {"installed": True, "loaded": True,
+                                            "available": True}
+        by_name = {q["name"]: q for q in stats.queries}
+        assert by_name["orgs.get"]["calls"] == 3
+        assert by_name["orgs.get"]["server"]["calls"] == 3
+        assert by_name["orgs.create"]["server"]["rows"] == 1
+    finally:
+        admin = await asyncpg.connect(PGSS_URL)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()

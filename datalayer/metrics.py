@@ -335,7 +335,10 @@ class QueryMetrics:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), FLUSH_INTERVAL_S)
             wake.clear()
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:  # the task must outlive any one failure
+                log.exception("writing query_performance samples failed")
 
     async def flush(self) -> int:
         """Write the buffered samples in one statement (maintenance role); how many. A

@@ -238,3 +238,58 @@ def test_prometheus_text_is_well_formed_and_cumulative() -> None:
     assert all(a[1] <= b[1] for a, b in itertools.pairwise(buckets))
     assert buckets[-1] == (float("inf"), 6) and count == 6
     assert 'query="a\\"b",sqlstate="23505"' in text
+
+
+class _Span:
+    def __init__(self, name: str, start_time: int, attributes: dict[str, object]) -> None:
+        self.name, self.start, self.attributes = name, start_time, attributes
+        self.end_time: int | None = None
+        self.status: object = None
+
+    def set_status(self, status: object) -> None:
+        self.status = status
+
+    def end(self, end_time: int) -> None:
+        self.end_time = end_time
+
+
+class _Tracer:
+    """Stands in for opentelemetry's Tracer (not installed here): records what it gets."""
+
+    def __init__(self) -> None:
+        self.spans: list[_Span] = []
+
+    def start_span(self, name: str, *, start_time: int,
+                   attributes: dict[str, object]) -> _Span:
+        span = _Span(name, start_time, attributes)
+        self.spans.append(span)
+        return span
+
+
+def test_spans_carry_the_query_name_rows_and_wall_clock_times() -> None:
+    import time
+
+    m = QueryMetrics(Settings())
+    assert m._tracer is None  # off by default: the hot path skips it
+    tracer = m._tracer = _Tracer()
+    t0 = time.perf_counter_ns()
+    m.record("orgs.get", t0, 1)
+    m.failed("orgs.create", t0, asyncpg.UniqueViolationError("dup"))
+    ok, failed = tracer.spans
+    assert ok.name == "orgs.get" and ok.attributes["db.response.returned_rows"] == 1
+    assert ok.end_time is not None and ok.end_time >= ok.start
+    assert abs(ok.start - time.time_ns()) < 5_000_000_000  # epoch nanoseconds
+    assert failed.attributes["db.response.status_code"] == "23505"
+
+
+def test_otel_requested_without_the_package_degrades_to_no_spans(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("opentelemetry") is not None:
+        pytest.skip("opentelemetry is installed")
+    with caplog.at_level(logging.WARNING, logger="datalayer.metrics"):
+        m = QueryMetrics(Settings(otel_spans=True))
+    assert m._tracer is None
+    assert any("opentelemetry-api is not installed" in r.getMessage() for r in caplog.records)

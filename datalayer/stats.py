@@ -111,13 +111,14 @@ async def collect(dl: DataLayer, *, explain: bool = True,
     out.metrics = {"slow": m.slow, "samples_persisted": m.persisted,
                    "samples_dropped": m.dropped, "samples_buffered": len(m.buffer)}
     pgss: dict[str, dict[str, Any]] = {}
+    figures = m.snapshot()  # before the catalog queries below add themselves
     async with dl.system() as db:
         out.pg_stat_statements, pgss = await _pg_stat_statements(db)
         since = datetime.now(UTC) - timedelta(days=1)
         out.slow_samples = [_plain(r) for r in await db.many(
             "query_performance.slowest", since=since, limit=20)]
         out.recommendations += await _catalog(db, t)
-    for f in m.snapshot():
+    for f in figures:
         row: dict[str, Any] = {k: (round(v, 3) if isinstance(v, float) else v)
                                for k, v in f.as_dict().items()}
         server = pgss.pop(f.name, None)
@@ -317,6 +318,9 @@ def format_stats(stats: Stats, *, top: int = 15) -> str:
             f"{q.get('total_ms', 0):>10.2f} {q.get('p50_ms', 0):>7.2f} "
             f"{q.get('p95_ms', 0):>7.2f} {q.get('p99_ms', 0):>7.2f} {q.get('max_ms', 0):>8.2f} "
             f"{server.get('calls', '-'):>12} {server.get('total_ms', '-'):>10}")
+    if not stats.queries:
+        lines.append("(no registry query has run in this process, and pg_stat_statements "
+                     "has nothing: see below)")
     if len(stats.queries) > top:
         lines.append(f"… {len(stats.queries) - top} more (--json for all)")
     p = stats.pg_stat_statements

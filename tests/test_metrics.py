@@ -293,3 +293,19 @@ def test_otel_requested_without_the_package_degrades_to_no_spans(
         m = QueryMetrics(Settings(otel_spans=True))
     assert m._tracer is None
     assert any("opentelemetry-api is not installed" in r.getMessage() for r in caplog.records)
+
+
+async def test_tracking_overhead_scenario_reports_the_ratio_and_the_cost(
+    settings: Settings,
+) -> None:
+    import io
+
+    from datalayer.cli import load_benchmarks
+
+    harness = load_benchmarks()
+    [row] = await harness.run(settings, ["analytics.tracking_overhead"], json_path=None,
+                              duration_s=0.3, concurrency=(1,), out=io.StringIO(),
+                              progress=io.StringIO())
+    assert row["scenario"] == "analytics.tracking_overhead" and row["target"] == 1.03
+    assert row["ratio"] > 0 and row["tracking_ns_per_call"] > row["disabled_ns_per_call"] > 0
+    assert row["tracking_overhead_pct"] is not None and row["tracking_overhead_pct"] > 0

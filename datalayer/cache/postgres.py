@@ -56,6 +56,8 @@ _QUERIES: dict[str, tuple[str, ...]] = {
     "cleanup_aux": ("version_ttl_s",),
 }
 
+_FULL_NAMES = {name: f"cache.{name}" for name in _QUERIES}  # registry names, for metrics
+
 
 async def _as_maintenance(conn: asyncpg.Connection) -> None:
     await conn.execute(f"SET ROLE {MAINT_ROLE}")
@@ -119,15 +121,16 @@ class PostgresBackend:
         except _FAILURES as exc:
             raise BackendUnavailable(f"PostgreSQL: {type(exc).__name__}") from exc
         metrics = self._dl.metrics
+        full = _FULL_NAMES[name]
         t0 = time.perf_counter_ns()
         try:
             result = await getattr(conn, method)(self._sql[name], *args)
         except _FAILURES as exc:
-            metrics.failed(f"cache.{name}", t0, exc)
+            metrics.failed(full, t0, exc)
             raise BackendUnavailable(f"PostgreSQL: {type(exc).__name__}") from exc
         finally:
             await pool.release(conn)
-        metrics.record(f"cache.{name}", t0, 0 if result is None else 1)
+        metrics.record(full, t0, 0 if result is None else 1)
         return result
 
     async def ping(self) -> None:

@@ -53,6 +53,12 @@ configuration (environment):
   DATALAYER_CHANNEL_PREFIX         Redis pub/sub channel prefix (datalayer:)
   DATALAYER_CACHE_STATS_INTERVAL_S write cache_stats this often, 0 = never (60)
   DATALAYER_CACHE_LOOKUPS          read-through caching of users.get, api_keys.verify (true)
+  DATALAYER_QUERY_METRICS          in-process per-query figures (true)
+  DATALAYER_SLOW_QUERY_MS          log queries this slow (name, duration), 0 = never (200)
+  DATALAYER_QUERY_SAMPLE_RATE      share of slow queries written to query_performance (1.0)
+  DATALAYER_QUERY_BUFFER_MAX       slow-query samples waiting to be written (10000)
+  DATALAYER_OTEL_SPANS             an OpenTelemetry span per query, needs datalayer[otel] (false)
+  DATALAYER_EXECUTION_RETENTION_DAYS  `maintain` drops older execution partitions, 0 = keep (0)
 """
 
 
@@ -128,14 +134,14 @@ async def _check(args: argparse.Namespace) -> int:
 
 # -- health ---------------------------------------------------------------------------------
 async def _health(args: argparse.Namespace) -> int:
+    from datalayer.health import format_report
+
     async with DataLayer(_settings(migrate_on_start=False, connect_timeout_s=3.0)) as dl:
         report = await dl.health()
     if args.json:
         _json(report)
     else:
-        for part in ("database", "migrations", "redis", "pool"):
-            if part in report:
-                print(f"{part:11} {orjson.dumps(report[part], default=str).decode()}")
+        print(format_report(report))
     if not report["ok"]:
         _err("unhealthy: " + ", ".join(k for k, v in report.items()
                                         if isinstance(v, dict) and v.get("ok") is False))
@@ -330,6 +336,33 @@ async def _gdpr(args: argparse.Namespace) -> int:
                 _json({"user_id": e.user_id, "pseudonym": e.pseudonym,
                        "organization": e.organization, "affected": e.affected,
                        "profile_erased": e.profile_erased, "audit_redacted": e.audit_redacted})
+# -- stats & maintain -------------------------------------------------------------------------
+async def _stats(args: argparse.Namespace) -> int:
+    from datalayer.stats import format_stats
+
+    async with DataLayer(_settings(migrate_on_start=False)) as dl:
+        stats = await dl.stats(explain=not args.no_explain)
+    if args.json:
+        _json(stats.as_dict())
+    else:
+        print(format_stats(stats, top=args.top))
+    return 0
+
+
+async def _maintain(args: argparse.Namespace) -> int:
+    async with DataLayer(_settings()) as dl:
+        results = await dl.maintain(args.job or None)
+    if args.json:
+        _json([r.as_dict() for r in results])
+    else:
+        for r in results:
+            detail = r.error if r.status != "ok" else ", ".join(
+                f"{k}={v}" for k, v in r.counts.items())
+            print(f"{r.status:8} {r.job:26} {r.duration_ms:>9.1f} ms  {detail or ''}")
+    failed = [r.job for r in results if r.status == "error"]
+    if failed:
+        _err(f"maintenance failed: {', '.join(failed)}")
+        return 1
     return 0
 
 
@@ -366,7 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
 
     h = add("health", _async(_health),
-            "database reachable, migrations current, pool figures, Redis if configured")
+            "database latency, migrations current and unchanged, pool, Redis if configured, "
+            "replication lag, oldest transaction, last maintenance runs; non-zero exit when "
+            "something is wrong")
     h.add_argument("--json", action="store_true")
 
     add("demo", _async(_demo), "run the demonstration scenario against the database")
@@ -426,6 +461,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--as", dest="as_user", default=None,
                    help="the requester's user id (an owner or admin of --org, or the subject)")
     g.add_argument("--yes", action="store_true", help="erase: confirm")
+    st = add("stats", _async(_stats),
+             "this process's query figures next to pg_stat_statements, and recommendations "
+             "from the catalog (scans, indexes, dead rows, cache hit ratio, query plans)")
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--top", type=int, default=15, help="queries listed (default 15)")
+    st.add_argument("--no-explain", action="store_true",
+                    help="skip EXPLAIN of every registry query's generic plan")
+
+    from datalayer.maintenance import JOBS
+
+    mt = add("maintain", _async(_maintain),
+             "run the periodic maintenance jobs (each under an advisory lock; a job running "
+             "elsewhere is skipped), recording each run; non-zero exit if one failed")
+    mt.add_argument("--job", action="append", metavar="NAME", choices=[j.name for j in JOBS],
+                    help="run only this job (repeatable): " + ", ".join(j.name for j in JOBS))
+    mt.add_argument("--json", action="store_true")
     return p
 
 

@@ -57,6 +57,13 @@ class Settings:
     ratelimit_backend: RateLimitBackend | None = None  # None: redis with REDIS_URL, else postgres
     ratelimit_timeout_ms: int = 200  # decide by the limit's fail mode after this long
     ratelimit_prefix: str = ""  # Redis key prefix (keys: <prefix>ratelimit:<key>)
+    # Query metrics (datalayer/metrics.py): in-process tracking, slow queries, exports.
+    query_metrics: bool = True
+    slow_query_ms: float = 200.0  # log (and sample) executions this slow; 0 = never
+    query_sample_rate: float = 1.0  # share of slow executions written to query_performance
+    query_buffer_max: int = 10_000  # slow samples waiting to be written; more are dropped
+    otel_spans: bool = False  # an OpenTelemetry span per query (needs datalayer[otel])
+    execution_retention_days: int = 0  # maintenance drops older execution partitions; 0 = keep
     # "kid:base64key,…", the first one active. Secret: never in repr.
     keys: str | None = field(default=None, repr=False)
 
@@ -107,6 +114,14 @@ class Settings:
         if len(self.ratelimit_prefix) > 100 or any(c.isspace() for c in self.ratelimit_prefix):
             raise ConfigError("DATALAYER_RATELIMIT_PREFIX must be at most 100 characters, "
                               "no spaces")
+        if self.slow_query_ms < 0:
+            raise ConfigError("DATALAYER_SLOW_QUERY_MS must be >= 0 (0 disables it)")
+        if not 0 <= self.query_sample_rate <= 1:
+            raise ConfigError("DATALAYER_QUERY_SAMPLE_RATE must be between 0 and 1")
+        if self.execution_retention_days < 0:
+            raise ConfigError("DATALAYER_EXECUTION_RETENTION_DAYS must be >= 0 (0 keeps all)")
+        if self.query_buffer_max < 1:
+            raise ConfigError("DATALAYER_QUERY_BUFFER_MAX must be >= 1")
         # Imported here: the ratelimit package imports modules that import this one.
         from datalayer.ratelimit.limits import parse_limits
 
@@ -160,6 +175,8 @@ class Settings:
             "statement_cache_size": "DATALAYER_STATEMENT_CACHE_SIZE",
             "ratelimit_timeout_ms": "DATALAYER_RATELIMIT_TIMEOUT_MS",
             "cache_max_bytes": "DATALAYER_CACHE_MAX_BYTES",
+            "query_buffer_max": "DATALAYER_QUERY_BUFFER_MAX",
+            "execution_retention_days": "DATALAYER_EXECUTION_RETENTION_DAYS",
         }
         for attr, var in ints.items():
             if e.get(var):
@@ -169,6 +186,8 @@ class Settings:
             "connect_timeout_s": "DATALAYER_CONNECT_TIMEOUT_S",
             "migration_lock_timeout_s": "DATALAYER_MIGRATION_LOCK_TIMEOUT_S",
             "cache_stats_interval_s": "DATALAYER_CACHE_STATS_INTERVAL_S",
+            "slow_query_ms": "DATALAYER_SLOW_QUERY_MS",
+            "query_sample_rate": "DATALAYER_QUERY_SAMPLE_RATE",
         }
         for attr, var in floats.items():
             if e.get(var):
@@ -176,6 +195,10 @@ class Settings:
         if e.get("DATALAYER_MIGRATE_ON_START"):
             kwargs["migrate_on_start"] = _bool("DATALAYER_MIGRATE_ON_START",
                                                e["DATALAYER_MIGRATE_ON_START"])
+        for attr, var in (("query_metrics", "DATALAYER_QUERY_METRICS"),
+                          ("otel_spans", "DATALAYER_OTEL_SPANS")):
+            if e.get(var):
+                kwargs[attr] = _bool(var, e[var])
         if e.get("DATALAYER_CONTEXT_MODE"):
             kwargs["context_mode"] = e["DATALAYER_CONTEXT_MODE"]
         if e.get("DATALAYER_CACHE_BACKEND"):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -264,14 +265,20 @@ class WebSessions:
         args = q.bind(params)
         pool = self._dl.service_pool
         conn = await pool.acquire(self._dl.settings.acquire_timeout_s)
+        metrics = self._dl.metrics
+        t0 = time.perf_counter_ns()
         try:
             if scalar:
-                return await conn.fetchval(q.sql, *args)
-            return await conn.fetchrow(q.sql, *args)
+                result = await conn.fetchval(q.sql, *args)
+            else:
+                result = await conn.fetchrow(q.sql, *args)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            metrics.failed(name, t0, exc)
             raise (translate(exc, name) or DataLayerError(f"{name}: {exc}")) from exc
         finally:
             await pool.release(conn)
+        metrics.record(name, t0, 0 if result is None else 1)
+        return result
 
 
 def _check_timeouts(idle_s: float, max_age_s: float) -> None:

@@ -15,6 +15,7 @@ import pytest
 from tests.conftest import TEST_KEYS, create_database, drop_database
 
 COMMANDS = ["migrate", "check", "health", "demo", "dev-db", "seed", "bench", "gdpr"]
+COMMANDS = ["migrate", "check", "health", "demo", "dev-db", "seed", "bench", "stats", "maintain"]
 
 
 def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -79,3 +79,15 @@ def test_keys_never_appear_in_repr() -> None:
     assert KEY not in repr(s)
     assert parse_keys(f"k1:{KEY}, k2:{KEY}") == [("k1", bytes(range(32))),
                                                  ("k2", bytes(range(32)))]
+
+
+def test_query_metrics_settings_are_read_and_checked() -> None:
+    s = Settings.from_env({"DATALAYER_SLOW_QUERY_MS": "50", "DATALAYER_QUERY_SAMPLE_RATE": "0.25",
+                           "DATALAYER_QUERY_BUFFER_MAX": "7", "DATALAYER_QUERY_METRICS": "false",
+                           "DATALAYER_OTEL_SPANS": "true"})
+    assert (s.slow_query_ms, s.query_sample_rate, s.query_buffer_max, s.query_metrics,
+            s.otel_spans) == (50.0, 0.25, 7, False, True)
+    with pytest.raises(ConfigError, match="DATALAYER_QUERY_SAMPLE_RATE"):
+        Settings.from_env({"DATALAYER_QUERY_SAMPLE_RATE": "1.5"})
+    with pytest.raises(ConfigError, match="DATALAYER_SLOW_QUERY_MS"):
+        Settings.from_env({"DATALAYER_SLOW_QUERY_MS": "-1"})

@@ -14,6 +14,7 @@ Expired rows are never returned and are deleted by :meth:`maintain` in batches o
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +55,8 @@ _QUERIES: dict[str, tuple[str, ...]] = {
     "cleanup_expired": ("batch",),
     "cleanup_aux": ("version_ttl_s",),
 }
+
+_FULL_NAMES = {name: f"cache.{name}" for name in _QUERIES}  # registry names, for metrics
 
 
 async def _as_maintenance(conn: asyncpg.Connection) -> None:
@@ -117,12 +120,18 @@ class PostgresBackend:
             raise BackendBusy("PostgreSQL: no free cache connection") from exc
         except _FAILURES as exc:
             raise BackendUnavailable(f"PostgreSQL: {type(exc).__name__}") from exc
+        metrics = self._dl.metrics
+        full = _FULL_NAMES[name]
+        t0 = time.perf_counter_ns()
         try:
-            return await getattr(conn, method)(self._sql[name], *args)
+            result = await getattr(conn, method)(self._sql[name], *args)
         except _FAILURES as exc:
+            metrics.failed(full, t0, exc)
             raise BackendUnavailable(f"PostgreSQL: {type(exc).__name__}") from exc
         finally:
             await pool.release(conn)
+        metrics.record(full, t0, 0 if result is None else 1)
+        return result
 
     async def ping(self) -> None:
         await self._call("fetchval", "clock")

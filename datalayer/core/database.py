@@ -12,9 +12,9 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 import orjson
@@ -25,7 +25,6 @@ from datalayer.core import migrations
 from datalayer.core.context import Context
 from datalayer.core.errors import (
     ConfigError,
-    DataLayerError,
     SerializationFailure,
     Unavailable,
     translate,
@@ -39,8 +38,13 @@ from datalayer.core.session import (
     SessionScope,
     acquire_with_timeout,
 )
+from datalayer.metrics import QueryMetrics
 from datalayer.security import Keyring, PasswordHasher
 from datalayer.settings import Settings
+
+if TYPE_CHECKING:
+    from datalayer.maintenance import Job, JobResult
+    from datalayer.stats import Stats
 
 __all__ = ["DataLayer"]
 
@@ -86,6 +90,8 @@ class DataLayer:
         self.registry = Registry.load(resource_dir("queries"), *extra_queries)
         self.keyring = Keyring.from_settings(self.settings)
         self.passwords = passwords or PasswordHasher()
+        # Per-query figures of every registry execution (datalayer/metrics.py).
+        self.metrics = QueryMetrics(self.settings)
         self._pool: asyncpg.Pool | None = None
         self._redis: aioredis.Redis | None = None
         # The cache (DATALAYER_CACHE_BACKEND); its backend connects in start().
@@ -134,6 +140,7 @@ class DataLayer:
             self._redis = aioredis.Redis.from_url(s.redis_url, socket_connect_timeout=2,
                                                   socket_timeout=5)
         self.service_pool.open()
+        self.metrics.start(self)
         await self.limiter.start()
         await self.cache.start()
         log.info("datalayer started", extra={"queries": len(self.registry),
@@ -165,6 +172,7 @@ class DataLayer:
     async def close(self) -> None:
         await self.cache.close()  # writes its last statistics: before the pool goes
         await self.limiter.close()  # flushes violations: before the pool goes
+        await self.metrics.close()  # writes the last slow-query samples: before the pool goes
         await self.service_pool.close()
         pool, self._pool = self._pool, None
         redis, self._redis = self._redis, None
@@ -252,36 +260,28 @@ class DataLayer:
             return await self.registry.validate(conn, self.settings.database_url)
 
     async def health(self) -> dict[str, Any]:
-        """Database reachable, migrations current, pool figures. Raises nothing: failures
-        are reported in the result (``ok`` false)."""
-        out: dict[str, Any] = {"ok": True}
-        started = time.perf_counter()
-        try:
-            async with self.pool.acquire() as conn:
-                out["database"] = {
-                    "ok": True,
-                    "server_version": await conn.fetchval("SHOW server_version"),
-                    "latency_ms": round((time.perf_counter() - started) * 1000, 2),
-                }
-        except (DataLayerError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            out["ok"] = False
-            out["database"] = {"ok": False, "error": str(translate(exc) or exc)}
-        try:
-            status = await asyncio.to_thread(migrations.status, self.settings, self.schema_dir)
-            pending = [m.id for m in status if not m.applied]
-            out["migrations"] = {"ok": not pending, "applied": len(status) - len(pending),
-                                 "pending": pending}
-            out["ok"] = out["ok"] and not pending
-        except DataLayerError as exc:
-            out["ok"] = False
-            out["migrations"] = {"ok": False, "error": str(exc)}
-        if self.settings.redis_url:
-            out["redis"] = await _redis_health(self.settings.redis_url)
-            out["ok"] = out["ok"] and out["redis"]["ok"]
-        pool = self.pool
-        out["pool"] = {"size": pool.get_size(), "idle": pool.get_idle_size(),
-                       "min": pool.get_min_size(), "max": pool.get_max_size()}
-        return out
+        """Database latency, migrations current and unchanged, pool figures, Redis,
+        replication lag, the oldest transaction and the last maintenance runs
+        (``datalayer/health.py``). Raises nothing: failures are reported in the result
+        (``ok`` false)."""
+        from datalayer.health import check
+
+        return await check(self)
+
+    async def maintain(self, jobs: Iterable[str | Job] | None = None) -> list[JobResult]:
+        """Run the maintenance jobs (all registered ones, or ``jobs`` by name), each under
+        an advisory lock and recorded in ``maintenance_runs`` (``datalayer/maintenance.py``).
+        A job running in another process is skipped; a failing one does not stop the rest."""
+        from datalayer.maintenance import run_jobs
+
+        return await run_jobs(self, jobs)
+
+    async def stats(self, *, explain: bool = True) -> Stats:
+        """In-process query figures next to ``pg_stat_statements`` (when available) and
+        recommendations from the catalog (``datalayer/stats.py``)."""
+        from datalayer.stats import collect
+
+        return await collect(self, explain=explain)
 
 
 async def _redis_health(url: str) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
 __all__ = ["ConnState", "DLConnection", "Isolation", "Session", "SessionScope"]
 
 log = logging.getLogger("datalayer.session")
+_clock = time.perf_counter_ns
 
 T = TypeVar("T")
 R = TypeVar("R", bound=Repository)
@@ -102,8 +104,8 @@ class Session:
     is sent.
     """
 
-    __slots__ = ("_after", "_conn", "_ctx", "_dl", "_queries", "_readonly", "_repos", "_sp",
-                 "_tx")
+    __slots__ = ("_after", "_conn", "_ctx", "_dl", "_m", "_queries", "_readonly", "_repos",
+                 "_sp", "_tx")
 
     def __init__(self, dl: DataLayer, conn: Any, ctx: Context | None, *, readonly: bool,
                  in_transaction: bool) -> None:
@@ -111,6 +113,7 @@ class Session:
         self._conn = conn
         self._ctx = ctx
         self._queries = dl.registry.raw
+        self._m = dl.metrics  # every execution reports to it (datalayer/metrics.py)
         self._readonly = readonly
         self._tx = in_transaction
         self._sp = 0
@@ -171,60 +174,82 @@ class Session:
     async def one(self, name: str, /, **params: object) -> asyncpg.Record | None:
         """``:one`` query: the row, or None."""
         q = self._query(name, Shape.ONE)
+        t0 = _clock()
         try:
             row: asyncpg.Record | None = await self._conn.fetchrow(q.sql, *q.bind(params))
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            self._m.failed(name, t0, exc)
             raise _mapped(exc, name) from exc
+        self._m.record(name, t0, 0 if row is None else 1)
         return row
 
     async def many(self, name: str, /, **params: object) -> list[asyncpg.Record]:
         """``:many`` query: a list of rows."""
         q = self._query(name, Shape.MANY)
+        t0 = _clock()
         try:
             rows: list[asyncpg.Record] = await self._conn.fetch(q.sql, *q.bind(params))
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            self._m.failed(name, t0, exc)
             raise _mapped(exc, name) from exc
+        self._m.record(name, t0, len(rows))
         return rows
 
     async def scalar(self, name: str, /, **params: object) -> Any:
         """``:scalar`` query: the first column of the first row (None without rows)."""
         q = self._query(name, Shape.SCALAR)
+        t0 = _clock()
         try:
-            return await self._conn.fetchval(q.sql, *q.bind(params))
+            value = await self._conn.fetchval(q.sql, *q.bind(params))
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            self._m.failed(name, t0, exc)
             raise _mapped(exc, name) from exc
+        self._m.record(name, t0, 0 if value is None else 1)
+        return value
 
     async def exec(self, name: str, /, **params: object) -> str:
         """``:exec`` query: the command status (``'UPDATE 3'``)."""
         q = self._query(name, Shape.EXEC)
+        t0 = _clock()
         try:
             status: str = await self._conn.execute(q.sql, *q.bind(params))
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            self._m.failed(name, t0, exc)
             raise _mapped(exc, name) from exc
+        tail = status.rpartition(" ")[2]
+        self._m.record(name, t0, int(tail) if tail.isdigit() else 0)
         return status
 
     async def execrows(self, name: str, /, **params: object) -> int:
         """``:execrows`` query: the number of rows affected."""
         q = self._query(name, Shape.EXECROWS)
+        t0 = _clock()
         try:
             status: str = await self._conn.execute(q.sql, *q.bind(params))
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            self._m.failed(name, t0, exc)
             raise _mapped(exc, name) from exc
         tail = status.rpartition(" ")[2]
-        return int(tail) if tail.isdigit() else 0
+        n = int(tail) if tail.isdigit() else 0
+        self._m.record(name, t0, n)
+        return n
 
     async def copy(self, name: str, /, records: Iterable[Sequence[object]]) -> int:
         """``:copy`` query: COPY ``records`` (tuples in the declared column order); row count."""
         q = self._query(name, Shape.COPY)
         assert q.copy_table is not None
         schema, _, table = q.copy_table.rpartition(".")
+        t0 = _clock()
         try:
             status: str = await self._conn.copy_records_to_table(
                 table, records=records, columns=list(q.copy_columns), schema_name=schema or None
             )
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            self._m.failed(name, t0, exc)
             raise _mapped(exc, name) from exc
-        return int(status.rpartition(" ")[2] or 0)
+        n = int(status.rpartition(" ")[2] or 0)
+        self._m.record(name, t0, n)
+        return n
 
     async def run(self, name: str, /, **params: object) -> Any:
         """Run any query by name; the result follows its shape (see ``one``, ``many``, …)."""
@@ -244,19 +269,28 @@ class Session:
         q = self._queries.get(query.name)
         if q is None or q.shape is not Shape.ONE:
             q = self._query(query.name, Shape.ONE)  # raises the precise error
+        t0 = _clock()
         try:
             row = await self._conn.fetchrow(q.sql, *q.bind(params))
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            self._m.failed(q.name, t0, exc)
             raise _mapped(exc, q.name) from exc
-        return None if row is None else query.build(row)
+        if row is None:
+            self._m.record(q.name, t0, 0)
+            return None
+        self._m.record(q.name, t0, 1)
+        return query.build(row)
 
     async def fetch_many(self, query: RowQuery[T], /, **params: object) -> list[T]:
         """Run a ``:many`` query and build a row dataclass per row."""
         q = self._query(query.name, Shape.MANY)
+        t0 = _clock()
         try:
             rows = await self._conn.fetch(q.sql, *q.bind(params))
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            self._m.failed(q.name, t0, exc)
             raise _mapped(exc, q.name) from exc
+        self._m.record(q.name, t0, len(rows))
         build = query.build
         return [build(r) for r in rows]
 

@@ -142,7 +142,7 @@ class Limiter:
             backend = RedisBackend(s.redis_url, prefix=s.ratelimit_prefix, timeout_s=timeout)
         elif name == "postgres":
             backend = PostgresBackend(dl.service_pool, dl.registry["ratelimit.check"],
-                                      timeout_s=timeout)
+                                      timeout_s=timeout, metrics=dl.metrics)
 
             async def sweep() -> int:
                 return await sweep_buckets(dl)

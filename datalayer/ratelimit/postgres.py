@@ -20,6 +20,7 @@ from datalayer.service_pool import ServicePool
 
 if TYPE_CHECKING:
     from datalayer.core.database import DataLayer
+    from datalayer.metrics import QueryMetrics
 
 __all__ = ["PostgresBackend", "sweep_buckets"]
 
@@ -31,7 +32,8 @@ class PostgresBackend:
 
     name = "postgres"
 
-    def __init__(self, pool: ServicePool, query: Query, *, timeout_s: float = 0.2) -> None:
+    def __init__(self, pool: ServicePool, query: Query, *, timeout_s: float = 0.2,
+                 metrics: QueryMetrics | None = None) -> None:
         """``query`` is the registry's ``ratelimit.check``. ``timeout_s`` bounds the whole
         check: waiting for (or opening) a connection, then the statement, which is
         cancelled when the time is up."""
@@ -41,17 +43,24 @@ class PostgresBackend:
         self._sql = query.sql
         self._name = query.name
         self._timeout = timeout_s
+        self._metrics = metrics  # the DataLayer's query metrics, when given
 
     async def check(self, key: str, limit: Limit, cost: int) -> Outcome:
         started = time.monotonic()
+        started_ns = time.perf_counter_ns()
         conn = await self._pool.acquire(self._timeout)
         try:
             left = self._timeout - (time.monotonic() - started)
             if left <= 0:
                 raise Timeout("no database connection for the rate-limit check in time")
+            t0 = time.perf_counter_ns()
             row = await conn.fetchrow(self._sql, key, limit.algorithm == "gcra",
                                       limit.interval_us, limit.capacity, cost, timeout=left)
+            if self._metrics is not None:
+                self._metrics.record(self._name, t0, 1)
         except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            if self._metrics is not None:
+                self._metrics.failed(self._name, started_ns, exc)
             err = translate(exc, self._name)
             raise (err or Unavailable(f"{self._name}: the database did not answer")) from exc
         finally:

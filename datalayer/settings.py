@@ -57,6 +57,8 @@ class Settings:
     ratelimit_backend: RateLimitBackend | None = None  # None: redis with REDIS_URL, else postgres
     ratelimit_timeout_ms: int = 200  # decide by the limit's fail mode after this long
     ratelimit_prefix: str = ""  # Redis key prefix (keys: <prefix>ratelimit:<key>)
+    # Search: the pg_trgm typo-tolerant fallback when the extension is installed.
+    search_fuzzy: bool = True
     # "kid:base64key,…", the first one active. Secret: never in repr.
     keys: str | None = field(default=None, repr=False)
 
@@ -176,6 +178,8 @@ class Settings:
         if e.get("DATALAYER_MIGRATE_ON_START"):
             kwargs["migrate_on_start"] = _bool("DATALAYER_MIGRATE_ON_START",
                                                e["DATALAYER_MIGRATE_ON_START"])
+        if e.get("DATALAYER_SEARCH_FUZZY"):
+            kwargs["search_fuzzy"] = _bool("DATALAYER_SEARCH_FUZZY", e["DATALAYER_SEARCH_FUZZY"])
         if e.get("DATALAYER_CONTEXT_MODE"):
             kwargs["context_mode"] = e["DATALAYER_CONTEXT_MODE"]
         if e.get("DATALAYER_CACHE_BACKEND"):

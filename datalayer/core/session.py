@@ -39,6 +39,7 @@ from datalayer.core.errors import (
 from datalayer.core.rows import RowQuery
 from datalayer.core.sqlfile import Query, Shape
 from datalayer.repos._base import Repository
+from datalayer.repos.analytics import Analytics
 from datalayer.repos.api_keys import ApiKeys
 from datalayer.repos.auth import Auth
 from datalayer.repos.credentials import Credentials
@@ -47,6 +48,7 @@ from datalayer.repos.memberships import Memberships
 from datalayer.repos.notifications import Notifications
 from datalayer.repos.orgs import Organizations
 from datalayer.repos.permissions import Permissions
+from datalayer.repos.search import Search
 from datalayer.repos.teams import Teams
 from datalayer.repos.users import Users
 from datalayer.repos.webhooks import Webhooks
@@ -344,6 +346,14 @@ class Session:
     @property
     def credentials(self) -> Credentials:
         return self._repo(Credentials)
+
+    @property
+    def analytics(self) -> Analytics:
+        return self._repo(Analytics)
+
+    @property
+    def search(self) -> Search:
+        return self._repo(Search)
 
 
 _SHAPE_CALL: dict[Shape, Any] = {

@@ -1,0 +1,285 @@
+-- depends: 0014_notifications
+-- Workflow analytics: daily roll-ups per workflow, kept incrementally as executions finish,
+-- an organization-level materialized view refreshed CONCURRENTLY by a maintenance job, and
+-- the functions the run-time role reads them through.
+--
+-- Roll-up grain: (org_id, workflow_id, day), day = the UTC date an execution finished.
+-- Counters add up; durations go into the same fixed 110-bucket log-scale histogram as
+-- workflow_stats (schema/0007_workflows.sql), so any range of days merges by adding arrays
+-- element-wise and its p95 is read with app.workflow_stats_quantile. hourly[h + 1] counts
+-- the executions that finished in UTC hour h (busiest hours).
+--
+-- Incremental: app.workflow_stats_record (called once per finished execution by the
+-- executions triggers) is replaced by a version that upserts the day's row next to the
+-- running statistics, in the same function call (no second per-row trigger). The day is the
+-- transaction's date: the executions guard sets finished_at := now() for every transition
+-- to a final state, so the two agree. Rows imported already finished (maintenance INSERTs
+-- with a past finished_at) land on the import day; app.analytics_rebuild_day(day) rebuilds
+-- a day from executions (idempotent) to repair that, and the rollup job runs it for the last
+-- closed days.
+--
+-- Organization level: analytics_org_daily (materialized view) aggregates the roll-ups per
+-- (org, day) for days before analytics_watermark.through; the refresh job moves the
+-- watermark to today and refreshes CONCURRENTLY in one transaction, so readers always see a
+-- matching pair. Readers add the live roll-ups of days on or after the watermark, so figures
+-- are current whatever the age of the last refresh.
+
+CREATE TABLE workflow_daily_stats (
+  org_id              uuid NOT NULL,
+  workflow_id         uuid NOT NULL,
+  day                 date NOT NULL,
+  executions          bigint NOT NULL DEFAULT 0,
+  successes           bigint NOT NULL DEFAULT 0,
+  failures            bigint NOT NULL DEFAULT 0,  -- failed or timed_out
+  cancellations       bigint NOT NULL DEFAULT 0,
+  timed_executions    bigint NOT NULL DEFAULT 0,
+  total_duration_ms   bigint NOT NULL DEFAULT 0,
+  min_duration_ms     bigint,
+  max_duration_ms     bigint,
+  duration_histogram  bigint[] NOT NULL DEFAULT array_fill(0::bigint, ARRAY[110])
+                      CONSTRAINT workflow_daily_stats_histogram_size
+                      CHECK (cardinality(duration_histogram) = 110),
+  hourly              bigint[] NOT NULL DEFAULT array_fill(0::bigint, ARRAY[24])
+                      CONSTRAINT workflow_daily_stats_hourly_size CHECK (cardinality(hourly) = 24),
+  PRIMARY KEY (org_id, workflow_id, day),
+  FOREIGN KEY (org_id, workflow_id) REFERENCES workflows (org_id, id) ON DELETE CASCADE
+);
+-- Organization-wide ranges (live days, top failing workflows).
+CREATE INDEX workflow_daily_stats_day_idx ON workflow_daily_stats (org_id, day);
+
+-- Statistics are visible with their workflow, like workflow_stats. Written only by the
+-- executions triggers (SECURITY DEFINER) and dl.system().
+ALTER TABLE workflow_daily_stats ENABLE ROW LEVEL SECURITY;
+ALTER TABLE workflow_daily_stats FORCE ROW LEVEL SECURITY;
+CREATE POLICY workflow_daily_stats_select ON workflow_daily_stats FOR SELECT
+  USING (org_id = (SELECT app.org_id())
+         AND EXISTS (SELECT 1 FROM workflows w
+                     WHERE w.org_id = workflow_daily_stats.org_id
+                       AND w.id = workflow_daily_stats.workflow_id));
+GRANT SELECT ON workflow_daily_stats TO datalayer_app;
+
+-- Element-wise sum of two bigint arrays (NULL elements count as 0; the longer length wins).
+CREATE FUNCTION app.bigint_array_add(p_a bigint[], p_b bigint[]) RETURNS bigint[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp
+AS $$
+  SELECT CASE WHEN p_a IS NULL THEN p_b WHEN p_b IS NULL THEN p_a ELSE
+    (SELECT array_agg(coalesce(x, 0) + coalesce(y, 0) ORDER BY i)
+     FROM unnest(p_a, p_b) WITH ORDINALITY AS u (x, y, i)) END
+$$;
+CREATE AGGREGATE app.sum_arrays(bigint[]) (
+  SFUNC = app.bigint_array_add, STYPE = bigint[], PARALLEL = SAFE
+);
+
+-- The running statistics (contract unchanged, see 0007) plus the day's roll-up.
+CREATE OR REPLACE FUNCTION app.workflow_stats_record(p_org uuid, p_workflow uuid, p_status text,
+                                                     p_duration_ms bigint)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, public, pg_temp AS $$
+DECLARE
+  v_bucket integer := app.workflow_duration_bucket(p_duration_ms);
+  v_timed integer := (p_duration_ms IS NOT NULL)::integer;
+  v_ok integer := (p_status = 'succeeded')::integer;
+  v_failed integer := (p_status IN ('failed', 'timed_out'))::integer;
+  v_cancelled integer := (p_status = 'cancelled')::integer;
+  v_hist bigint[] := array_fill(0::bigint, ARRAY[110]);
+  v_hourly bigint[] := array_fill(0::bigint, ARRAY[24]);
+  v_now timestamp := now() AT TIME ZONE 'UTC';
+  v_hour integer := extract(hour FROM v_now)::integer + 1;
+BEGIN
+  IF p_status IS NULL OR p_status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out') THEN
+    RAISE EXCEPTION 'workflow_stats_record: status must be succeeded, failed, cancelled or timed_out'
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  IF p_duration_ms < 0 THEN
+    RAISE EXCEPTION 'workflow_stats_record: duration must be >= 0 ms (or NULL)'
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  v_hist[v_bucket] := v_timed;
+  v_hourly[v_hour] := 1;
+  INSERT INTO workflow_stats AS s
+    (org_id, workflow_id, executions, successes, failures, cancellations, timed_executions,
+     total_duration_ms, min_duration_ms, max_duration_ms, duration_histogram,
+     last_execution_at)
+  VALUES (p_org, p_workflow, 1, v_ok, v_failed, v_cancelled, v_timed,
+          coalesce(p_duration_ms, 0), p_duration_ms, p_duration_ms, v_hist, now())
+  ON CONFLICT (org_id, workflow_id) DO UPDATE SET
+    executions = s.executions + 1,
+    successes = s.successes + v_ok,
+    failures = s.failures + v_failed,
+    cancellations = s.cancellations + v_cancelled,
+    timed_executions = s.timed_executions + v_timed,
+    total_duration_ms = s.total_duration_ms + coalesce(p_duration_ms, 0),
+    min_duration_ms = least(s.min_duration_ms, p_duration_ms),
+    max_duration_ms = greatest(s.max_duration_ms, p_duration_ms),
+    duration_histogram[v_bucket] = s.duration_histogram[v_bucket] + v_timed,
+    last_execution_at = greatest(s.last_execution_at, now());
+  INSERT INTO workflow_daily_stats AS d
+    (org_id, workflow_id, day, executions, successes, failures, cancellations,
+     timed_executions, total_duration_ms, min_duration_ms, max_duration_ms,
+     duration_histogram, hourly)
+  VALUES (p_org, p_workflow, v_now::date, 1, v_ok, v_failed, v_cancelled, v_timed,
+          coalesce(p_duration_ms, 0), p_duration_ms, p_duration_ms, v_hist, v_hourly)
+  ON CONFLICT (org_id, workflow_id, day) DO UPDATE SET
+    executions = d.executions + 1,
+    successes = d.successes + v_ok,
+    failures = d.failures + v_failed,
+    cancellations = d.cancellations + v_cancelled,
+    timed_executions = d.timed_executions + v_timed,
+    total_duration_ms = d.total_duration_ms + coalesce(p_duration_ms, 0),
+    min_duration_ms = least(d.min_duration_ms, p_duration_ms),
+    max_duration_ms = greatest(d.max_duration_ms, p_duration_ms),
+    duration_histogram[v_bucket] = d.duration_histogram[v_bucket] + v_timed,
+    hourly[v_hour] = d.hourly[v_hour] + 1;
+END $$;
+
+-- Rebuild one day's roll-ups from executions (finished on that UTC day): idempotent, and
+-- exact for a closed day. Rows of workflows with no execution that day are removed. Do not
+-- rebuild days whose executions were purged by retention: the roll-ups outlive them.
+-- Returns the number of roll-up rows written. Maintenance only.
+CREATE FUNCTION app.analytics_rebuild_day(p_day date) RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, public, pg_temp SET timezone = 'UTC' AS $$
+DECLARE
+  v_rows integer;
+BEGIN
+  IF p_day IS NULL OR p_day > (now() AT TIME ZONE 'UTC')::date THEN
+    RAISE EXCEPTION 'analytics_rebuild_day: the day must not be in the future'
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  -- One rebuilder per day at a time.
+  PERFORM pg_advisory_xact_lock(hashtext('datalayer.analytics.rebuild'), p_day - date '2000-01-01');
+  DELETE FROM workflow_daily_stats WHERE day = p_day;
+  INSERT INTO workflow_daily_stats
+    (org_id, workflow_id, day, executions, successes, failures, cancellations,
+     timed_executions, total_duration_ms, min_duration_ms, max_duration_ms,
+     duration_histogram, hourly)
+  SELECT e.org_id, e.workflow_id, p_day, count(*),
+         count(*) FILTER (WHERE e.status = 'succeeded'),
+         count(*) FILTER (WHERE e.status IN ('failed', 'timed_out')),
+         count(*) FILTER (WHERE e.status = 'cancelled'),
+         count(e.duration_ms), coalesce(sum(e.duration_ms), 0), min(e.duration_ms),
+         max(e.duration_ms),
+         (SELECT array_agg(coalesce(c.n, 0) ORDER BY b.i)
+          FROM generate_series(1, 110) b (i)
+          LEFT JOIN (SELECT app.workflow_duration_bucket(x) AS i, count(*) AS n
+                     FROM unnest(array_agg(e.duration_ms)) x WHERE x IS NOT NULL
+                     GROUP BY 1) c ON c.i = b.i),
+         (SELECT array_agg(coalesce(c.n, 0) ORDER BY h.i)
+          FROM generate_series(1, 24) h (i)
+          LEFT JOIN (SELECT extract(hour FROM t)::integer + 1 AS i, count(*) AS n
+                     FROM unnest(array_agg(e.finished_at)) t GROUP BY 1) c ON c.i = h.i)
+  FROM executions e
+  WHERE e.finished_at >= p_day AND e.finished_at < p_day + 1
+    AND e.status IN ('succeeded', 'failed', 'cancelled', 'timed_out')
+  GROUP BY e.org_id, e.workflow_id;
+  GET DIAGNOSTICS v_rows = ROW_COUNT;
+  RETURN v_rows;
+END $$;
+
+-- The organization level ---------------------------------------------------------------------
+
+-- Days before `through` are served by analytics_org_daily; days from it on, live.
+CREATE TABLE analytics_watermark (
+  id            boolean PRIMARY KEY DEFAULT true CONSTRAINT analytics_watermark_single CHECK (id),
+  through       date NOT NULL DEFAULT date '1970-01-01',
+  refreshed_at  timestamptz,
+  rebuilt_through date
+);
+INSERT INTO analytics_watermark DEFAULT VALUES;
+
+CREATE MATERIALIZED VIEW analytics_org_daily AS
+SELECT d.org_id, d.day, sum(d.executions)::bigint AS executions,
+       sum(d.successes)::bigint AS successes, sum(d.failures)::bigint AS failures,
+       sum(d.cancellations)::bigint AS cancellations,
+       sum(d.timed_executions)::bigint AS timed_executions,
+       sum(d.total_duration_ms)::bigint AS total_duration_ms,
+       min(d.min_duration_ms) AS min_duration_ms, max(d.max_duration_ms) AS max_duration_ms,
+       app.sum_arrays(d.duration_histogram) AS duration_histogram,
+       app.sum_arrays(d.hourly) AS hourly
+FROM workflow_daily_stats d
+WHERE d.day < (SELECT w.through FROM analytics_watermark w)
+GROUP BY d.org_id, d.day;
+-- Unique: REFRESH ... CONCURRENTLY needs it; also the readers' lookup.
+CREATE UNIQUE INDEX analytics_org_daily_key ON analytics_org_daily (org_id, day);
+
+-- The organization's days in [p_from, p_to]: the view before the watermark, live roll-ups
+-- from it on. Only the context's organization; nothing without one.
+CREATE FUNCTION app.analytics_org_days(p_from date, p_to date)
+RETURNS TABLE (day date, executions bigint, successes bigint, failures bigint,
+               cancellations bigint, timed_executions bigint, total_duration_ms bigint,
+               min_duration_ms bigint, max_duration_ms bigint, duration_histogram bigint[],
+               hourly bigint[])
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
+AS $$
+  WITH w AS (SELECT through FROM analytics_watermark)
+  SELECT m.day, m.executions, m.successes, m.failures, m.cancellations, m.timed_executions,
+         m.total_duration_ms, m.min_duration_ms, m.max_duration_ms, m.duration_histogram,
+         m.hourly
+  FROM analytics_org_daily m, w
+  WHERE m.org_id = app.org_id() AND m.day >= p_from AND m.day <= p_to AND m.day < w.through
+  UNION ALL
+  SELECT d.day, sum(d.executions)::bigint, sum(d.successes)::bigint, sum(d.failures)::bigint,
+         sum(d.cancellations)::bigint, sum(d.timed_executions)::bigint,
+         sum(d.total_duration_ms)::bigint, min(d.min_duration_ms), max(d.max_duration_ms),
+         app.sum_arrays(d.duration_histogram), app.sum_arrays(d.hourly)
+  FROM workflow_daily_stats d, w
+  WHERE d.org_id = app.org_id() AND d.day >= greatest(p_from, w.through) AND d.day <= p_to
+  GROUP BY d.day
+$$;
+
+-- Per-workflow totals of the organization over [p_from, p_to] (no names: callers join
+-- workflows under RLS, which drops the workflows the context may not see).
+CREATE FUNCTION app.analytics_workflow_totals(p_from date, p_to date)
+RETURNS TABLE (workflow_id uuid, executions bigint, successes bigint, failures bigint)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
+AS $$
+  SELECT d.workflow_id, sum(d.executions)::bigint, sum(d.successes)::bigint,
+         sum(d.failures)::bigint
+  FROM workflow_daily_stats d
+  WHERE d.org_id = app.org_id() AND d.day >= p_from AND d.day <= p_to
+  GROUP BY d.workflow_id
+$$;
+
+-- Move the watermark to today (UTC) and refresh the view, in the caller's transaction
+-- (maintenance only; dl.system()). Concurrent refreshers queue on the view's lock.
+CREATE FUNCTION app.analytics_refresh() RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS $$
+BEGIN
+  UPDATE analytics_watermark SET through = (now() AT TIME ZONE 'UTC')::date,
+                                 refreshed_at = now();
+  REFRESH MATERIALIZED VIEW CONCURRENTLY analytics_org_daily;
+END $$;
+
+-- Ownership and privileges: the view and the functions belong to the maintenance role
+-- (which refreshes); the run-time role reads only through the org-filtering functions.
+ALTER MATERIALIZED VIEW analytics_org_daily OWNER TO datalayer_maint;
+REVOKE ALL ON analytics_org_daily FROM PUBLIC;
+REVOKE ALL ON analytics_watermark FROM PUBLIC;
+-- REFRESH ... CONCURRENTLY diffs through a temporary table, created as the view's owner.
+DO $$ BEGIN
+  EXECUTE format('GRANT TEMPORARY ON DATABASE %I TO datalayer_maint', current_database());
+END $$;
+DO $$
+DECLARE
+  f text;
+BEGIN
+  FOREACH f IN ARRAY ARRAY['app.bigint_array_add(bigint[], bigint[])',
+                           'app.sum_arrays(bigint[])']
+  LOOP
+    EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO datalayer_app, datalayer_maint', f);
+  END LOOP;
+  FOREACH f IN ARRAY ARRAY['app.analytics_org_days(date, date)',
+                           'app.analytics_workflow_totals(date, date)']
+  LOOP
+    EXECUTE format('ALTER FUNCTION %s OWNER TO datalayer_maint', f);
+    EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO datalayer_app, datalayer_maint', f);
+  END LOOP;
+  FOREACH f IN ARRAY ARRAY['app.analytics_rebuild_day(date)', 'app.analytics_refresh()']
+  LOOP
+    EXECUTE format('ALTER FUNCTION %s OWNER TO datalayer_maint', f);
+    EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO datalayer_maint', f);
+  END LOOP;
+END $$;

@@ -47,8 +47,9 @@ CREATE TABLE workflow_daily_stats (
 -- Organization-wide ranges (live days, top failing workflows).
 CREATE INDEX workflow_daily_stats_day_idx ON workflow_daily_stats (org_id, day);
 
--- Statistics are visible with their workflow, like workflow_stats. Written only by the
--- executions triggers (SECURITY DEFINER) and dl.system().
+-- Statistics are visible with their workflow, and written like workflow_stats: by
+-- app.workflow_stats_record (invoker rights: the executions triggers, which run as the
+-- maintenance role, or a writer of the organization calling it) and dl.system().
 ALTER TABLE workflow_daily_stats ENABLE ROW LEVEL SECURITY;
 ALTER TABLE workflow_daily_stats FORCE ROW LEVEL SECURITY;
 CREATE POLICY workflow_daily_stats_select ON workflow_daily_stats FOR SELECT
@@ -56,7 +57,18 @@ CREATE POLICY workflow_daily_stats_select ON workflow_daily_stats FOR SELECT
          AND EXISTS (SELECT 1 FROM workflows w
                      WHERE w.org_id = workflow_daily_stats.org_id
                        AND w.id = workflow_daily_stats.workflow_id));
-GRANT SELECT ON workflow_daily_stats TO datalayer_app;
+CREATE POLICY workflow_daily_stats_insert ON workflow_daily_stats FOR INSERT
+  WITH CHECK (org_id = (SELECT app.org_id()) AND (SELECT app.can_write()));
+CREATE POLICY workflow_daily_stats_update ON workflow_daily_stats FOR UPDATE
+  USING (org_id = (SELECT app.org_id()) AND (SELECT app.can_write()))
+  WITH CHECK (org_id = (SELECT app.org_id()));
+GRANT SELECT,
+      INSERT (org_id, workflow_id, day, executions, successes, failures, cancellations,
+              timed_executions, total_duration_ms, min_duration_ms, max_duration_ms,
+              duration_histogram, hourly),
+      UPDATE (executions, successes, failures, cancellations, timed_executions,
+              total_duration_ms, min_duration_ms, max_duration_ms, duration_histogram, hourly)
+  ON workflow_daily_stats TO datalayer_app;
 
 -- Element-wise sum of two bigint arrays (NULL elements count as 0; the longer length wins).
 CREATE FUNCTION app.bigint_array_add(p_a bigint[], p_b bigint[]) RETURNS bigint[]

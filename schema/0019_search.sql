@@ -54,16 +54,23 @@ DECLARE
   v_trgm boolean := EXISTS (SELECT FROM pg_extension WHERE extname = 'pg_trgm');
   v_org text := CASE WHEN v_btree THEN 'org_id, ' ELSE '' END;
 BEGIN
+  -- Workflows get both: the planner picks the composite one when the organization is a
+  -- small part of the table, the plain one when the organization's own rows dominate (its
+  -- org_id postings would then cost more than the word's: measured 4.8 ms against 0.5 ms
+  -- for a prefix matching 1,250 of one organization's 100,000 workflows).
   DROP INDEX workflows_search_idx;
-  EXECUTE format('CREATE INDEX workflows_search_idx ON workflows USING gin (%ssearch) '
-                 'WHERE deleted_at IS NULL', v_org);
+  CREATE INDEX workflows_search_idx ON workflows USING gin (search) WHERE deleted_at IS NULL;
+  IF v_btree THEN
+    CREATE INDEX workflows_org_search_idx ON workflows USING gin (org_id, search)
+      WHERE deleted_at IS NULL;
+  END IF;
   EXECUTE format('CREATE INDEX executions_error_search_idx ON executions '
                  'USING gin (%serror_search) WHERE error_search IS NOT NULL', v_org);
   EXECUTE format('CREATE INDEX notifications_search_idx ON notifications '
                  'USING gin (%ssearch)', v_org);
   IF v_trgm THEN
-    EXECUTE format('CREATE INDEX workflows_name_trgm_idx ON workflows '
-                   'USING gin (%sname gin_trgm_ops) WHERE deleted_at IS NULL', v_org);
+    CREATE INDEX workflows_name_trgm_idx ON workflows USING gin (name gin_trgm_ops)
+      WHERE deleted_at IS NULL;
   END IF;
 END $$;
 
@@ -132,16 +139,23 @@ BEGIN
   IF v_org IS NULL OR v_query IS NULL THEN
     RETURN;  -- no tenant context, or no word to search for
   END IF;
+  -- Per kind, at most 300 candidates (in index order, i.e. physical order) are ranked: a
+  -- very broad query (a short prefix matching thousands of rows) is ranked among those; a
+  -- more specific one among all its matches. Each kind is one LATERAL pass over its branch of
+  -- app.search_documents (the others are gated off), through that table's GIN index.
   RETURN QUERY
   SELECT h.kind, h.id, h.title,
          ts_headline('simple'::regconfig, h.title || ' — ' || left(h.body, 2000), v_query,
                      'MaxWords=20, MinWords=8, MaxFragments=2, StartSel=<b>, StopSel=</b>'),
          h.rank, false, h.updated_at
-  FROM (SELECT d.kind, d.id, d.title, d.body, d.updated_at,
-               ts_rank_cd(d.doc, v_query) AS rank
-        FROM app.search_documents d
-        WHERE d.org_id = v_org AND d.kind = ANY (p_kinds) AND d.doc @@ v_query
-        ORDER BY rank DESC, d.id
+  FROM (SELECT c.kind, c.id, c.title, c.body, c.updated_at,
+               ts_rank_cd(c.doc, v_query) AS rank
+        FROM unnest(p_kinds) AS k (kind)
+        CROSS JOIN LATERAL (SELECT d.kind, d.id, d.title, d.body, d.updated_at, d.doc
+                            FROM app.search_documents d
+                            WHERE d.kind = k.kind AND d.org_id = v_org AND d.doc @@ v_query
+                            LIMIT 300) c
+        ORDER BY rank DESC, c.id
         LIMIT v_limit) h
   ORDER BY h.rank DESC, h.id;
   GET DIAGNOSTICS v_found = ROW_COUNT;

@@ -40,9 +40,11 @@ BEGIN
 END $$;
 DROP FUNCTION app.analytics_refresh();
 DROP FUNCTION app.analytics_workflow_totals(date, date);
+DROP FUNCTION app.analytics_org_totals(date, date);
 DROP FUNCTION app.analytics_org_days(date, date);
+DROP MATERIALIZED VIEW analytics_workflow_daily;
 DROP MATERIALIZED VIEW analytics_org_daily;
-DROP TABLE analytics_watermark;
+DROP TABLE analytics_state;
 DROP FUNCTION app.analytics_rebuild_day(date);
 DROP AGGREGATE app.sum_arrays(bigint[]);
 DROP FUNCTION app.bigint_array_add(bigint[], bigint[]);

@@ -58,11 +58,16 @@ BEGIN
   -- small part of the table, the plain one when the organization's own rows dominate (its
   -- org_id postings would then cost more than the word's: measured 4.8 ms against 0.5 ms
   -- for a prefix matching 1,250 of one organization's 100,000 workflows).
+  -- Templates have their own small index: the template branch must not visit every
+  -- matching workflow's heap page to find the few templates among them.
   DROP INDEX workflows_search_idx;
-  CREATE INDEX workflows_search_idx ON workflows USING gin (search) WHERE deleted_at IS NULL;
+  CREATE INDEX workflows_search_idx ON workflows USING gin (search)
+    WHERE deleted_at IS NULL AND NOT is_template;
+  CREATE INDEX workflows_template_search_idx ON workflows USING gin (search)
+    WHERE deleted_at IS NULL AND is_template;
   IF v_btree THEN
     CREATE INDEX workflows_org_search_idx ON workflows USING gin (org_id, search)
-      WHERE deleted_at IS NULL;
+      WHERE deleted_at IS NULL AND NOT is_template;
   END IF;
   EXECUTE format('CREATE INDEX executions_error_search_idx ON executions '
                  'USING gin (%serror_search) WHERE error_search IS NOT NULL', v_org);
@@ -139,7 +144,7 @@ BEGIN
   IF v_org IS NULL OR v_query IS NULL THEN
     RETURN;  -- no tenant context, or no word to search for
   END IF;
-  -- Per kind, at most 300 candidates (in index order, i.e. physical order) are ranked: a
+  -- Per kind, at most 200 candidates (in index order, i.e. physical order) are ranked: a
   -- very broad query (a short prefix matching thousands of rows) is ranked among those; a
   -- more specific one among all its matches. Each kind is one LATERAL pass over its branch of
   -- app.search_documents (the others are gated off), through that table's GIN index.
@@ -154,7 +159,7 @@ BEGIN
         CROSS JOIN LATERAL (SELECT d.kind, d.id, d.title, d.body, d.updated_at, d.doc
                             FROM app.search_documents d
                             WHERE d.kind = k.kind AND d.org_id = v_org AND d.doc @@ v_query
-                            LIMIT 300) c
+                            LIMIT 200) c
         ORDER BY rank DESC, c.id
         LIMIT v_limit) h
   ORDER BY h.rank DESC, h.id;

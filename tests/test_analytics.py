@@ -59,11 +59,14 @@ async def world(dl: DataLayer, make_tenant: TenantFactory, add_member: MemberFac
     await run(dl, a.owner, wf, ["succeeded"] * 3 + ["failed", "timed_out", "cancelled"])
     await run(dl, a.owner, private, ["failed", "failed"])
     await run(dl, b.owner, wf_b, ["failed"] * 7)
+    await refresh_analytics(dl)  # organization figures are as of the last refresh
     return World(a, b, member, wf, private, wf_b)
 
 
 async def test_rollups_follow_finished_executions(dl: DataLayer, world: World) -> None:
     t = today()
+    async with dl.system() as db:
+        assert (await db.analytics.state()).refreshed_at is not None
     async with dl.session(world.a.owner, readonly=True) as db:
         org = await db.analytics.org_range(t, t)
         wf = await db.analytics.workflow_range(world.wf, t - timedelta(days=89), t)
@@ -123,10 +126,17 @@ async def test_matview_is_refreshed_and_read_only_through_functions(
         "SELECT executions FROM analytics_org_daily WHERE org_id = $1 AND day = $2",
         world.a.org_id, t - timedelta(days=1)) == 5
     assert await admin_conn.fetchval(
-        "SELECT count(*) FROM analytics_org_daily WHERE day >= $1", t) == 0
+        "SELECT cum_executions FROM analytics_org_daily WHERE org_id = $1 AND day = $2",
+        world.a.org_id, t) == 13
     async with dl.session(world.a.owner, readonly=True) as db:
         r = await db.analytics.org_range(t - timedelta(days=1), t)
         assert (r.executions, r.successes) == (13, 8)
+        # Today alone: today's running total minus yesterday's.
+        r = await db.analytics.org_range(t, t)
+        assert (r.executions, r.successes, r.failures) == (8, 3, 4)
+        assert r.p95_duration_ms is not None
+        r = await db.analytics.org_range(t - timedelta(days=1), t - timedelta(days=1))
+        assert (r.executions, r.p95_duration_ms) == (5, None)
         days = await db.analytics.daily(t - timedelta(days=6), t)
         assert [(d.day, d.executions) for d in days] == [(t - timedelta(days=1), 5), (t, 8)]
     # Concurrent refreshes: both succeed or one skips, never an error.

@@ -2,15 +2,17 @@
 
 Daily roll-ups per workflow are kept by the database as executions finish (the executions
 triggers call ``app.workflow_stats_record``, which upserts the day's row next to the running
-statistics). Organization figures come from the ``analytics_org_daily`` materialized view for
-days before its watermark plus the live roll-ups from it on; the run-time role reads them
-only through SECURITY DEFINER functions that filter by the context's organization.
+statistics): per-workflow and per-user figures are live. Organization figures (totals, per
+day, busiest hours, top failing workflows) come from the ``analytics_org_daily`` and
+``analytics_workflow_daily`` materialized views, as of their last refresh
+(:func:`refresh_analytics`; run it every few minutes); the run-time role reads them only
+through SECURITY DEFINER functions that filter by the context's organization.
 
 Ranges are UTC dates, both ends included, at most :data:`MAX_RANGE_DAYS` long.
 
 Periodic jobs (``dl.system()``; idempotent; safe to run concurrently):
 
-* :func:`refresh_analytics` refreshes the view CONCURRENTLY and moves its watermark to today.
+* :func:`refresh_analytics` refreshes the view CONCURRENTLY (readers never wait).
 * :func:`rollup_analytics` rebuilds the last closed days from executions (repairs roll-ups of
   imported or hand-edited executions) and catches up after downtime, at most
   :data:`REBUILD_DAYS` days back.
@@ -99,8 +101,7 @@ class Dashboard:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class RebuildState:
-    through: date
+class JobState:
     refreshed_at: datetime | None
     rebuilt_through: date | None
 
@@ -111,7 +112,7 @@ USER_RANGE = RowQuery("analytics.user_range", RangeFigures)
 DAILY = RowQuery("analytics.daily", DayFigures)
 TOP_FAILING = RowQuery("analytics.top_failing", FailingWorkflow)
 BUSIEST_HOURS = RowQuery("analytics.busiest_hours", HourFigures)
-REBUILD_STATE = RowQuery("analytics.rebuild_state", RebuildState)
+STATE = RowQuery("analytics.state", JobState)
 
 _EMPTY = RangeFigures(executions=0, successes=0, failures=0, cancellations=0,
                       avg_duration_ms=None, p95_duration_ms=None)
@@ -199,7 +200,7 @@ class Analytics(Repository):
 
     # -- maintenance (dl.system()) -----------------------------------------------------------
     async def refresh(self) -> None:
-        """Refresh ``analytics_org_daily`` CONCURRENTLY and move its watermark to today."""
+        """Refresh ``analytics_org_daily`` CONCURRENTLY."""
         await self._db.exec("analytics.refresh")
 
     async def rebuild_day(self, day: date) -> int:
@@ -209,8 +210,9 @@ class Analytics(Repository):
             raise ValidationError("day must be a date")
         return int(await self._db.scalar("analytics.rebuild_day", day=day))
 
-    async def state(self) -> RebuildState:
-        row = await self._db.fetch_one(REBUILD_STATE)
+    async def state(self) -> JobState:
+        """When the view was last refreshed, and the last day the rollup job rebuilt."""
+        row = await self._db.fetch_one(STATE)
         assert row is not None  # the migration inserts the single row
         return row
 

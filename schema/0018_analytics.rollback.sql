@@ -52,3 +52,4 @@ DROP TABLE workflow_daily_stats;
 DO $$ BEGIN
   EXECUTE format('REVOKE TEMPORARY ON DATABASE %I FROM datalayer_maint', current_database());
 END $$;
+DROP SCHEMA metrics CASCADE;

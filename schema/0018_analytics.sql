@@ -349,3 +349,216 @@ BEGIN
     EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO datalayer_maint', f);
   END LOOP;
 END $$;
+
+-- System metrics ------------------------------------------------------------------------------
+-- A time series store for operator-level metrics (database latency, pool use, queue depths,
+-- cache hit rates…): points (series, time, value) of series (name, labels jsonb), partitioned
+-- by time, rolled up 1 minute → 1 hour → 1 day (count, sum, min, max) by an idempotent job,
+-- and dropped by whole partitions per resolution (metrics.retention, editable).
+--
+-- Tenancy: these are the platform's own figures, not a tenant's, so they live in schema
+-- `metrics`, reachable by the maintenance role (dl.system()) only; the run-time role has no
+-- privilege there. (Per-tenant usage is workflow analytics above, under RLS. A tenant-facing
+-- metric would be an org_id label read through a definer function, like the views above.)
+-- The schema is not `public` on purpose: app.ensure_partitions manages every maintenance-owned
+-- partitioned table in `public` by months, and metrics need days.
+CREATE SCHEMA metrics;
+REVOKE ALL ON SCHEMA metrics FROM PUBLIC;
+GRANT USAGE, CREATE ON SCHEMA metrics TO datalayer_maint;
+
+CREATE TABLE metrics.series (
+  id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  name        text NOT NULL CONSTRAINT series_name_format
+              CHECK (name ~ '^[a-zA-Z_:][a-zA-Z0-9_:.]{0,199}$'),
+  labels      jsonb NOT NULL DEFAULT '{}' CONSTRAINT series_labels_object
+              CHECK (jsonb_typeof(labels) = 'object' AND pg_column_size(labels) <= 2048),
+  created_at  timestamptz NOT NULL DEFAULT now(),
+  CONSTRAINT series_key UNIQUE (name, labels)
+);
+CREATE INDEX series_labels_idx ON metrics.series USING gin (labels jsonb_path_ops);
+
+-- Raw points: daily partitions. Roll-ups: 1m daily, 1h monthly, 1d yearly partitions.
+CREATE TABLE metrics.points (
+  series_id  bigint NOT NULL,
+  time       timestamptz NOT NULL,
+  value      double precision NOT NULL
+) PARTITION BY RANGE (time);
+CREATE INDEX points_series_idx ON metrics.points (series_id, time);
+
+CREATE TABLE metrics.rollup_1m (
+  series_id bigint NOT NULL, bucket timestamptz NOT NULL, count bigint NOT NULL,
+  sum double precision NOT NULL, min double precision NOT NULL, max double precision NOT NULL,
+  PRIMARY KEY (series_id, bucket)
+) PARTITION BY RANGE (bucket);
+CREATE TABLE metrics.rollup_1h (LIKE metrics.rollup_1m INCLUDING ALL) PARTITION BY RANGE (bucket);
+CREATE TABLE metrics.rollup_1d (LIKE metrics.rollup_1m INCLUDING ALL) PARTITION BY RANGE (bucket);
+
+-- Per resolution: its table, partition size, retention, and how far the job has rolled up
+-- (every bucket before `through` is final; later ones are computed from raw points on read).
+CREATE TABLE metrics.resolutions (
+  resolution  text PRIMARY KEY,
+  step        interval NOT NULL,
+  tbl         text NOT NULL,
+  part_unit   text NOT NULL CHECK (part_unit IN ('day', 'month', 'year')),
+  keep        interval NOT NULL CHECK (keep > interval '0'),
+  through     timestamptz
+);
+INSERT INTO metrics.resolutions (resolution, step, tbl, part_unit, keep) VALUES
+  ('raw', interval '1 second', 'points', 'day', interval '3 days'),
+  ('1m', interval '1 minute', 'rollup_1m', 'day', interval '30 days'),
+  ('1h', interval '1 hour', 'rollup_1h', 'month', interval '400 days'),
+  ('1d', interval '1 day', 'rollup_1d', 'year', interval '3650 days');
+
+-- Partitions of p_tbl (metrics.<p_tbl>_pYYYYMMDD, one per p_unit) covering [p_from, p_to);
+-- a default partition catches what falls outside, and its rows move into a partition created
+-- for them. Idempotent; returns the number created.
+CREATE FUNCTION metrics.ensure_partitions(p_tbl text, p_unit text, p_from timestamptz,
+                                          p_to timestamptz)
+RETURNS integer
+LANGUAGE plpgsql SET search_path = pg_catalog, metrics, pg_temp SET timezone = 'UTC' AS $$
+DECLARE
+  v_start timestamptz := date_trunc(p_unit, p_from);
+  v_end timestamptz;
+  v_name text;
+  v_key text := CASE WHEN p_tbl = 'points' THEN 'time' ELSE 'bucket' END;
+  v_made integer := 0;
+BEGIN
+  PERFORM pg_advisory_xact_lock(hashtext('datalayer.metrics.partitions'));
+  IF to_regclass(format('metrics.%I', p_tbl || '_default')) IS NULL THEN
+    EXECUTE format('CREATE TABLE metrics.%I PARTITION OF metrics.%I DEFAULT',
+                   p_tbl || '_default', p_tbl);
+  END IF;
+  WHILE v_start < p_to LOOP
+    v_end := v_start + ('1 ' || p_unit)::interval;
+    v_name := format('%s_p%s', p_tbl, to_char(v_start, 'YYYYMMDD'));
+    IF to_regclass(format('metrics.%I', v_name)) IS NULL THEN
+      EXECUTE format('CREATE TABLE metrics.%I (LIKE metrics.%I INCLUDING DEFAULTS)',
+                     v_name, p_tbl);
+      EXECUTE format('WITH moved AS (DELETE FROM metrics.%I WHERE %I >= $1 AND %I < $2 '
+                     'RETURNING *) INSERT INTO metrics.%I SELECT * FROM moved',
+                     p_tbl || '_default', v_key, v_key, v_name) USING v_start, v_end;
+      EXECUTE format('ALTER TABLE metrics.%I ATTACH PARTITION metrics.%I FOR VALUES FROM (%L) '
+                     'TO (%L)', p_tbl, v_name, v_start, v_end);
+      v_made := v_made + 1;
+    END IF;
+    v_start := v_end;
+  END LOOP;
+  RETURN v_made;
+END $$;
+
+-- Roll up, idempotently: 1m buckets from raw points, then 1h from 1m, then 1d from 1h, for
+-- the closed buckets after each resolution's `through` (re-aggregating the last
+-- p_overlap of them, for late points), at most p_max_span per run (the first run covers the
+-- raw retention; catch-up after a longer downtime
+-- takes several runs). Buckets are recomputed from their source, never incremented, so
+-- running twice, or concurrently (one waits on the advisory lock), changes nothing.
+-- Returns the rows written per resolution.
+CREATE FUNCTION metrics.rollup(p_overlap interval DEFAULT interval '5 minutes',
+                               p_max_span interval DEFAULT interval '4 days')
+RETURNS TABLE (resolution text, rows_written bigint)
+LANGUAGE plpgsql SET search_path = pg_catalog, metrics, pg_temp SET timezone = 'UTC' AS $$
+DECLARE
+  r record;
+  v_src record;
+  v_from timestamptz;
+  v_to timestamptz;
+  v_src_through timestamptz;
+  v_rows bigint;
+BEGIN
+  PERFORM pg_advisory_xact_lock(hashtext('datalayer.metrics.rollup'));
+  FOR r IN SELECT * FROM metrics.resolutions WHERE metrics.resolutions.resolution <> 'raw'
+           ORDER BY step LOOP
+    SELECT * INTO v_src FROM metrics.resolutions s
+    WHERE s.step < r.step ORDER BY s.step DESC LIMIT 1;
+    -- The source is final up to: now - one step for raw (late points), else its through.
+    v_src_through := CASE WHEN v_src.resolution = 'raw'
+                          THEN date_trunc('minute', now()) - interval '1 minute'
+                          ELSE v_src.through END;
+    CONTINUE WHEN v_src_through IS NULL;
+    v_to := date_bin(r.step, v_src_through, timestamptz '2000-01-01');
+    v_from := coalesce(r.through - CASE WHEN v_src.resolution = 'raw' THEN p_overlap
+                                        ELSE r.step END,
+                       date_bin(r.step, now() - (SELECT keep FROM metrics.resolutions
+                                                 WHERE metrics.resolutions.resolution = 'raw'),
+                                timestamptz '2000-01-01'));
+    v_to := least(v_to, v_from + p_max_span);
+    CONTINUE WHEN v_to <= v_from;
+    PERFORM metrics.ensure_partitions(r.tbl, r.part_unit, v_from, v_to);
+    IF v_src.resolution = 'raw' THEN
+      EXECUTE format(
+        'INSERT INTO metrics.%I (series_id, bucket, count, sum, min, max) '
+        'SELECT p.series_id, date_bin($3, p.time, timestamptz ''2000-01-01''), count(*), '
+        '       sum(p.value), min(p.value), max(p.value) '
+        'FROM metrics.points p WHERE p.time >= $1 AND p.time < $2 GROUP BY 1, 2 '
+        'ON CONFLICT (series_id, bucket) DO UPDATE SET count = excluded.count, '
+        '  sum = excluded.sum, min = excluded.min, max = excluded.max', r.tbl)
+        USING v_from, v_to, r.step;
+    ELSE
+      EXECUTE format(
+        'INSERT INTO metrics.%I (series_id, bucket, count, sum, min, max) '
+        'SELECT s.series_id, date_bin($3, s.bucket, timestamptz ''2000-01-01''), '
+        '       sum(s.count)::bigint, sum(s.sum), min(s.min), max(s.max) '
+        'FROM metrics.%I s WHERE s.bucket >= $1 AND s.bucket < $2 GROUP BY 1, 2 '
+        'ON CONFLICT (series_id, bucket) DO UPDATE SET count = excluded.count, '
+        '  sum = excluded.sum, min = excluded.min, max = excluded.max', r.tbl, v_src.tbl)
+        USING v_from, v_to, r.step;
+    END IF;
+    GET DIAGNOSTICS v_rows = ROW_COUNT;
+    UPDATE metrics.resolutions s SET through = v_to WHERE s.resolution = r.resolution;
+    resolution := r.resolution;
+    rows_written := v_rows;
+    RETURN NEXT;
+  END LOOP;
+END $$;
+
+-- Retention: drop every partition of each resolution that ends before now() - keep (whole
+-- partitions only: the partition holding the cut-off stays until it has aged out entirely),
+-- and delete the default partitions' rows older than that. Returns the partitions dropped.
+CREATE FUNCTION metrics.apply_retention() RETURNS SETOF text
+LANGUAGE plpgsql SET search_path = pg_catalog, metrics, pg_temp SET timezone = 'UTC' AS $$
+DECLARE
+  r record;
+  p record;
+  v_cut timestamptz;
+  v_upper timestamptz;
+BEGIN
+  PERFORM pg_advisory_xact_lock(hashtext('datalayer.metrics.partitions'));
+  FOR r IN SELECT * FROM metrics.resolutions LOOP
+    v_cut := now() - r.keep;
+    FOR p IN SELECT c.relname::text AS name, pg_get_expr(c.relpartbound, c.oid) AS bound
+             FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+             WHERE i.inhparent = format('metrics.%I', r.tbl)::regclass ORDER BY c.relname LOOP
+      IF p.bound = 'DEFAULT' THEN
+        EXECUTE format('DELETE FROM metrics.%I WHERE %I < $1', p.name,
+                       CASE WHEN r.tbl = 'points' THEN 'time' ELSE 'bucket' END) USING v_cut;
+        CONTINUE;
+      END IF;
+      v_upper := substring(p.bound FROM 'TO \(''([^'']+)''\)')::timestamptz;
+      IF v_upper <= v_cut THEN
+        EXECUTE format('DROP TABLE metrics.%I', p.name);
+        RETURN NEXT p.name;
+      END IF;
+    END LOOP;
+  END LOOP;
+END $$;
+
+ALTER TABLE metrics.series OWNER TO datalayer_maint;
+ALTER TABLE metrics.points OWNER TO datalayer_maint;
+ALTER TABLE metrics.rollup_1m OWNER TO datalayer_maint;
+ALTER TABLE metrics.rollup_1h OWNER TO datalayer_maint;
+ALTER TABLE metrics.rollup_1d OWNER TO datalayer_maint;
+ALTER TABLE metrics.resolutions OWNER TO datalayer_maint;
+ALTER FUNCTION metrics.ensure_partitions(text, text, timestamptz, timestamptz)
+  OWNER TO datalayer_maint;
+ALTER FUNCTION metrics.rollup(interval, interval) OWNER TO datalayer_maint;
+ALTER FUNCTION metrics.apply_retention() OWNER TO datalayer_maint;
+REVOKE ALL ON FUNCTION metrics.ensure_partitions(text, text, timestamptz, timestamptz),
+                       metrics.rollup(interval, interval), metrics.apply_retention()
+  FROM PUBLIC;
+-- Raw partitions for today and the next two days (the rollup job keeps them ahead), owned by
+-- the maintenance role like every later one (retention drops them).
+DO $$ BEGIN
+  SET LOCAL ROLE datalayer_maint;
+  PERFORM metrics.ensure_partitions('points', 'day', now(), now() + interval '3 days');
+  RESET ROLE;
+END $$;

@@ -45,6 +45,7 @@ from datalayer.repos.auth import Auth
 from datalayer.repos.credentials import Credentials
 from datalayer.repos.executions import Executions
 from datalayer.repos.memberships import Memberships
+from datalayer.repos.metrics import Metrics
 from datalayer.repos.notifications import Notifications
 from datalayer.repos.orgs import Organizations
 from datalayer.repos.permissions import Permissions
@@ -354,6 +355,10 @@ class Session:
     @property
     def search(self) -> Search:
         return self._repo(Search)
+
+    @property
+    def metrics(self) -> Metrics:
+        return self._repo(Metrics)
 
 
 _SHAPE_CALL: dict[Shape, Any] = {

@@ -365,6 +365,9 @@ END $$;
 CREATE SCHEMA metrics;
 REVOKE ALL ON SCHEMA metrics FROM PUBLIC;
 GRANT USAGE, CREATE ON SCHEMA metrics TO datalayer_maint;
+-- Names only (so that `datalayer check` can prepare the metrics queries on any pooled
+-- connection): the run-time role holds no privilege on any table or function here.
+GRANT USAGE ON SCHEMA metrics TO datalayer_app;
 
 CREATE TABLE metrics.series (
   id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

@@ -1,9 +1,10 @@
 """Search scenario: ``search.query`` at 100,000 workflows in one organization.
 
 * ``search.query``: ``db.search.query(text, limit=20)`` in a member's read-only tenant
-  session; the text cycles through type-ahead queries, one or two words, the last one a
-  prefix ("inv", "invoice sy", …). Each word of the seed's vocabulary (400 words, three per
-  workflow name) is in about 750 names, a two-word query matches a handful. The search runs
+  session; the text cycles through type-ahead queries taken from 50 workflow names: the
+  first five letters of the first word, then the first word and three letters of the second
+  (the last word is always a prefix). Each word of the seed's vocabulary (400 words, three
+  per workflow name) is in about 750 names; a two-word query matches a handful. The search runs
   inside ``app.search`` (SECURITY DEFINER): its GIN index (org_id, search) serves it although
   the session is under RLS. The raw asyncpg side runs the same statement on a connection
   whose organization/user/role settings were set once (as the datalayer session's are).
@@ -41,16 +42,15 @@ def _word(k: int) -> str:
 WORDS = tuple(_word(k) for k in range(VOCABULARY))
 
 
-def _queries() -> tuple[str, ...]:
+def _queries(names: list[str]) -> tuple[str, ...]:
+    """Type-ahead as a user types a workflow's name: a prefix of its first word alone
+    (hundreds of matches to rank), then the first word and the start of the second."""
     out = []
-    for k in range(0, VOCABULARY, 7):
-        w1, w2 = WORDS[k], WORDS[(k * 13 + 5) % VOCABULARY]
-        out.append(w1[:4])  # a prefix alone: hundreds of matches to rank
-        out.append(f"{w1} {w2[:3]}")  # a word and the start of the next
+    for name in names:
+        w1, w2 = name.split()[:2]
+        out.append(w1[:5])
+        out.append(f"{w1} {w2[:3]}")
     return tuple(out)
-
-
-QUERIES = _queries()
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +59,7 @@ class SearchState:
     ctx: Context
     sql: str
     params: tuple[str, ...]
+    queries: tuple[str, ...]
 
 
 async def _setup(bctx: BenchContext) -> SearchState:
@@ -105,21 +106,26 @@ async def _setup(bctx: BenchContext) -> SearchState:
     finally:
         for conn in conns:
             await bctx.pool.release(conn)
+    async with bctx.pool.acquire() as conn:
+        names = [r["name"] for r in await conn.fetch(
+            "SELECT name FROM workflows WHERE org_id = $1 AND visibility = 'organization' "
+            "ORDER BY id LIMIT 50", org)]
     q = dl.registry["search.query"]
-    state = SearchState(org, ctx, q.sql, q.params)
+    state = SearchState(org, ctx, q.sql, q.params, _queries(names))
     async with dl.session(ctx, readonly=True) as db:
-        if not await db.search.query(QUERIES[1]):
-            raise RuntimeError("search.query found nothing for a seeded word")
+        for text in state.queries:
+            if not await db.search.query(text):
+                raise RuntimeError(f"search.query found nothing for {text!r}")
     return state
 
 
 async def _query(b: BenchContext, s: SearchState, i: int) -> None:
     async with b.dl.session(s.ctx, readonly=True) as db:
-        await db.search.query(QUERIES[i % len(QUERIES)], limit=LIMIT)
+        await db.search.query(s.queries[i % len(s.queries)], limit=LIMIT)
 
 
 async def _query_raw(b: BenchContext, s: SearchState, i: int) -> None:
-    args: dict[str, Any] = {"text": QUERIES[i % len(QUERIES)], "limit": LIMIT,
+    args: dict[str, Any] = {"text": s.queries[i % len(s.queries)], "limit": LIMIT,
                             "kinds": ["workflow", "template", "execution", "notification"],
                             "fuzzy": b.dl.search_fuzzy}
     async with b.pool.acquire() as conn:
@@ -128,7 +134,7 @@ async def _query_raw(b: BenchContext, s: SearchState, i: int) -> None:
 
 async def _extra(b: BenchContext, s: SearchState) -> dict[str, Any]:
     return {"p99_target_ms": 5.0, "workflows": WORKFLOWS, "organizations": 1,
-            "queries": len(QUERIES)}
+            "queries": len(s.queries)}
 
 
 SCENARIOS: list[Scenario] = [

@@ -38,6 +38,103 @@ BEGIN
     duration_histogram[v_bucket] = s.duration_histogram[v_bucket] + v_timed,
     last_execution_at = greatest(s.last_execution_at, now());
 END $$;
+-- Restore the executions triggers as schema/0008_executions.sql defines them.
+CREATE OR REPLACE FUNCTION app.executions_after_insert() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS $$
+DECLARE
+  r record;
+BEGIN
+  INSERT INTO execution_transitions (org_id, execution_id, from_status, to_status, attempt,
+                                     worker_id, actor_id, reason)
+  SELECT n.org_id, n.id, NULL, n.status, n.attempt, n.worker_id, app.user_id(), n.status_reason
+  FROM new_rows n;
+  FOR r IN SELECT n.org_id, n.workflow_id, n.status, n.duration_ms FROM new_rows n
+           WHERE n.status IN ('succeeded', 'failed', 'cancelled', 'timed_out')
+           ORDER BY n.org_id, n.workflow_id LOOP
+    PERFORM app.workflow_stats_record(r.org_id, r.workflow_id, r.status, r.duration_ms);
+  END LOOP;
+  IF EXISTS (SELECT 1 FROM new_rows n WHERE n.status = 'queued' AND n.scheduled_at <= now()) THEN
+    PERFORM pg_notify('datalayer_executions', '');
+  END IF;
+  RETURN NULL;
+END $$;
+
+CREATE OR REPLACE FUNCTION app.executions_after_update() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS $$
+DECLARE
+  r record;
+  v_finished integer;
+  v_retries integer;
+  v_abandoned integer;
+  v_wake boolean;
+BEGIN
+  -- One pass over the statement's rows: record the changes of status, and count what else
+  -- there is to do (a heartbeat changes no status and stops here).
+  WITH changed AS (
+    SELECT n.org_id, n.id, n.status, n.attempt, n.max_attempts, n.auto_retry, n.scheduled_at,
+           n.status_reason, o.status AS old_status, coalesce(n.worker_id, o.worker_id) AS worker_id
+    FROM new_rows n JOIN old_rows o ON o.org_id = n.org_id AND o.id = n.id
+    WHERE n.status IS DISTINCT FROM o.status
+  ), recorded AS (
+    INSERT INTO execution_transitions (org_id, execution_id, from_status, to_status, attempt,
+                                       worker_id, actor_id, reason)
+    SELECT c.org_id, c.id, c.old_status, c.status, c.attempt, c.worker_id, app.user_id(),
+           c.status_reason
+    FROM changed c
+  )
+  SELECT count(*) FILTER (WHERE c.status IN ('succeeded', 'failed', 'cancelled', 'timed_out')),
+         count(*) FILTER (WHERE c.status IN ('failed', 'timed_out') AND c.auto_retry
+                                AND c.attempt < c.max_attempts),
+         count(*) FILTER (WHERE c.old_status = 'running'
+                                AND c.status IN ('queued', 'failed', 'cancelled', 'timed_out')),
+         coalesce(bool_or(c.status = 'queued' AND c.scheduled_at <= now()), false)
+  INTO v_finished, v_retries, v_abandoned, v_wake
+  FROM changed c;
+  IF v_abandoned > 0 THEN
+    -- An attempt that ended without finishing (worker lost, failed, cancelled, timed out)
+    -- leaves no node running: its running nodes are closed as cancelled.
+    UPDATE node_executions ne
+    SET status = 'cancelled', finished_at = clock_timestamp(),
+        error = jsonb_build_object('message', 'the execution stopped running (' || n.status || ')')
+    FROM new_rows n JOIN old_rows o ON o.org_id = n.org_id AND o.id = n.id
+    WHERE o.status = 'running' AND n.status IN ('queued', 'failed', 'cancelled', 'timed_out')
+      AND ne.org_id = n.org_id AND ne.execution_id = n.id AND ne.created_at >= n.created_at
+      AND ne.status = 'running';
+  END IF;
+  IF v_finished > 0 THEN
+    FOR r IN SELECT n.org_id, n.workflow_id, n.status, n.duration_ms
+             FROM new_rows n JOIN old_rows o ON o.org_id = n.org_id AND o.id = n.id
+             WHERE n.status IS DISTINCT FROM o.status
+               AND n.status IN ('succeeded', 'failed', 'cancelled', 'timed_out')
+             ORDER BY n.org_id, n.workflow_id LOOP
+      PERFORM app.workflow_stats_record(r.org_id, r.workflow_id, r.status, r.duration_ms);
+    END LOOP;
+  END IF;
+  IF v_retries > 0 THEN
+    -- Automatic retries: a new attempt after a jittered exponential backoff.
+    INSERT INTO executions (org_id, workflow_id, workflow_version, trigger, trigger_payload,
+                            input, priority, timeout_ms, attempt, max_attempts, auto_retry,
+                            retry_delay_ms, retry_of, parent_execution_id, scheduled_at,
+                            status_reason)
+    SELECT n.org_id, n.workflow_id, n.workflow_version, n.trigger, n.trigger_payload, n.input,
+           n.priority, n.timeout_ms, n.attempt + 1, n.max_attempts, true, n.retry_delay_ms,
+           n.id, n.parent_execution_id,
+           now() + app.execution_retry_delay(n.retry_delay_ms, n.attempt),
+           format('automatic retry %s of %s', n.attempt + 1, n.max_attempts)
+    FROM new_rows n JOIN old_rows o ON o.org_id = n.org_id AND o.id = n.id
+    WHERE n.status IS DISTINCT FROM o.status AND n.status IN ('failed', 'timed_out')
+      AND n.auto_retry AND n.attempt < n.max_attempts
+    ORDER BY n.org_id, n.id
+    ON CONFLICT DO NOTHING;
+  END IF;
+  IF v_wake THEN
+    PERFORM pg_notify('datalayer_executions', '');
+  END IF;
+  RETURN NULL;
+END $$;
+
+DROP FUNCTION app.workflow_stats_record_many(uuid[], uuid[], text[], bigint[], timestamptz[]);
+DROP FUNCTION app.workflow_histogram(integer[], integer);
 DROP FUNCTION app.analytics_refresh();
 DROP FUNCTION app.analytics_workflow_totals(date, date);
 DROP FUNCTION app.analytics_org_totals(date, date);

@@ -148,6 +148,195 @@ BEGIN
     hourly[v_hour] = d.hourly[v_hour] + 1;
 END $$;
 
+-- The set-based form of app.workflow_stats_record for many finished executions at once
+-- (same-length arrays): one upsert per workflow into workflow_stats and one per
+-- (workflow, day of finished_at) into workflow_daily_stats, in (org, workflow) order so that
+-- concurrent batches lock rows in the same order. Used by the executions triggers for
+-- statements that finish more than one execution.
+CREATE FUNCTION app.workflow_histogram(p_buckets integer[], p_size integer) RETURNS bigint[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp
+AS $$
+  SELECT array_agg(coalesce(c.n, 0) ORDER BY i.i)
+  FROM generate_series(1, p_size) i (i)
+  LEFT JOIN (SELECT x, count(*) AS n FROM unnest(p_buckets) x GROUP BY x) c ON c.x = i.i
+$$;
+
+CREATE FUNCTION app.workflow_stats_record_many(p_org uuid[], p_workflow uuid[],
+                                               p_status text[], p_duration_ms bigint[],
+                                               p_finished_at timestamptz[])
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, public, pg_temp AS $$
+BEGIN
+  IF EXISTS (SELECT 1 FROM unnest(p_status) s
+             WHERE s IS NULL OR s NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out')) THEN
+    RAISE EXCEPTION 'workflow_stats_record: status must be succeeded, failed, cancelled or timed_out'
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  IF EXISTS (SELECT 1 FROM unnest(p_duration_ms) d WHERE d < 0) THEN
+    RAISE EXCEPTION 'workflow_stats_record: duration must be >= 0 ms (or NULL)'
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  INSERT INTO workflow_stats AS s
+    (org_id, workflow_id, executions, successes, failures, cancellations, timed_executions,
+     total_duration_ms, min_duration_ms, max_duration_ms, duration_histogram,
+     last_execution_at)
+  SELECT f.org_id, f.workflow_id, count(*), count(*) FILTER (WHERE f.status = 'succeeded'),
+         count(*) FILTER (WHERE f.status IN ('failed', 'timed_out')),
+         count(*) FILTER (WHERE f.status = 'cancelled'), count(f.duration_ms),
+         coalesce(sum(f.duration_ms), 0), min(f.duration_ms), max(f.duration_ms),
+         app.workflow_histogram(array_agg(app.workflow_duration_bucket(f.duration_ms))
+                                  FILTER (WHERE f.duration_ms IS NOT NULL), 110),
+         now()
+  FROM unnest(p_org, p_workflow, p_status, p_duration_ms)
+       AS f (org_id, workflow_id, status, duration_ms)
+  GROUP BY f.org_id, f.workflow_id
+  ORDER BY f.org_id, f.workflow_id
+  ON CONFLICT (org_id, workflow_id) DO UPDATE SET
+    executions = s.executions + excluded.executions,
+    successes = s.successes + excluded.successes,
+    failures = s.failures + excluded.failures,
+    cancellations = s.cancellations + excluded.cancellations,
+    timed_executions = s.timed_executions + excluded.timed_executions,
+    total_duration_ms = s.total_duration_ms + excluded.total_duration_ms,
+    min_duration_ms = least(s.min_duration_ms, excluded.min_duration_ms),
+    max_duration_ms = greatest(s.max_duration_ms, excluded.max_duration_ms),
+    duration_histogram = app.bigint_array_add(s.duration_histogram, excluded.duration_histogram),
+    last_execution_at = greatest(s.last_execution_at, excluded.last_execution_at);
+  INSERT INTO workflow_daily_stats AS d
+    (org_id, workflow_id, day, executions, successes, failures, cancellations,
+     timed_executions, total_duration_ms, min_duration_ms, max_duration_ms,
+     duration_histogram, hourly)
+  SELECT f.org_id, f.workflow_id, (f.finished_at AT TIME ZONE 'UTC')::date, count(*),
+         count(*) FILTER (WHERE f.status = 'succeeded'),
+         count(*) FILTER (WHERE f.status IN ('failed', 'timed_out')),
+         count(*) FILTER (WHERE f.status = 'cancelled'), count(f.duration_ms),
+         coalesce(sum(f.duration_ms), 0), min(f.duration_ms), max(f.duration_ms),
+         app.workflow_histogram(array_agg(app.workflow_duration_bucket(f.duration_ms))
+                                  FILTER (WHERE f.duration_ms IS NOT NULL), 110),
+         app.workflow_histogram(array_agg(extract(hour FROM f.finished_at
+                                                  AT TIME ZONE 'UTC')::integer + 1), 24)
+  FROM unnest(p_org, p_workflow, p_status, p_duration_ms, coalesce(p_finished_at, '{}'))
+       AS f (org_id, workflow_id, status, duration_ms, finished_at)
+  GROUP BY f.org_id, f.workflow_id, (f.finished_at AT TIME ZONE 'UTC')::date
+  ORDER BY f.org_id, f.workflow_id, 3
+  ON CONFLICT (org_id, workflow_id, day) DO UPDATE SET
+    executions = d.executions + excluded.executions,
+    successes = d.successes + excluded.successes,
+    failures = d.failures + excluded.failures,
+    cancellations = d.cancellations + excluded.cancellations,
+    timed_executions = d.timed_executions + excluded.timed_executions,
+    total_duration_ms = d.total_duration_ms + excluded.total_duration_ms,
+    min_duration_ms = least(d.min_duration_ms, excluded.min_duration_ms),
+    max_duration_ms = greatest(d.max_duration_ms, excluded.max_duration_ms),
+    duration_histogram = app.bigint_array_add(d.duration_histogram, excluded.duration_histogram),
+    hourly = app.bigint_array_add(d.hourly, excluded.hourly);
+END $$;
+
+-- The executions triggers (schema/0008_executions.sql), with statistics recorded per row for
+-- a single finished execution and set-based for several; otherwise unchanged.
+CREATE OR REPLACE FUNCTION app.executions_after_insert() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS $$
+BEGIN
+  INSERT INTO execution_transitions (org_id, execution_id, from_status, to_status, attempt,
+                                     worker_id, actor_id, reason)
+  SELECT n.org_id, n.id, NULL, n.status, n.attempt, n.worker_id, app.user_id(), n.status_reason
+  FROM new_rows n;
+  -- Finished rows (imports by the maintenance role): one set-based pass, on their own days.
+  PERFORM app.workflow_stats_record_many(array_agg(n.org_id), array_agg(n.workflow_id),
+                                         array_agg(n.status), array_agg(n.duration_ms),
+                                         array_agg(n.finished_at))
+  FROM new_rows n WHERE n.status IN ('succeeded', 'failed', 'cancelled', 'timed_out')
+  HAVING count(*) > 0;
+  IF EXISTS (SELECT 1 FROM new_rows n WHERE n.status = 'queued' AND n.scheduled_at <= now()) THEN
+    PERFORM pg_notify('datalayer_executions', '');
+  END IF;
+  RETURN NULL;
+END $$;
+
+CREATE OR REPLACE FUNCTION app.executions_after_update() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS $$
+DECLARE
+  r record;
+  v_finished integer;
+  v_retries integer;
+  v_abandoned integer;
+  v_wake boolean;
+BEGIN
+  -- One pass over the statement's rows: record the changes of status, and count what else
+  -- there is to do (a heartbeat changes no status and stops here).
+  WITH changed AS (
+    SELECT n.org_id, n.id, n.status, n.attempt, n.max_attempts, n.auto_retry, n.scheduled_at,
+           n.status_reason, o.status AS old_status, coalesce(n.worker_id, o.worker_id) AS worker_id
+    FROM new_rows n JOIN old_rows o ON o.org_id = n.org_id AND o.id = n.id
+    WHERE n.status IS DISTINCT FROM o.status
+  ), recorded AS (
+    INSERT INTO execution_transitions (org_id, execution_id, from_status, to_status, attempt,
+                                       worker_id, actor_id, reason)
+    SELECT c.org_id, c.id, c.old_status, c.status, c.attempt, c.worker_id, app.user_id(),
+           c.status_reason
+    FROM changed c
+  )
+  SELECT count(*) FILTER (WHERE c.status IN ('succeeded', 'failed', 'cancelled', 'timed_out')),
+         count(*) FILTER (WHERE c.status IN ('failed', 'timed_out') AND c.auto_retry
+                                AND c.attempt < c.max_attempts),
+         count(*) FILTER (WHERE c.old_status = 'running'
+                                AND c.status IN ('queued', 'failed', 'cancelled', 'timed_out')),
+         coalesce(bool_or(c.status = 'queued' AND c.scheduled_at <= now()), false)
+  INTO v_finished, v_retries, v_abandoned, v_wake
+  FROM changed c;
+  IF v_abandoned > 0 THEN
+    -- An attempt that ended without finishing (worker lost, failed, cancelled, timed out)
+    -- leaves no node running: its running nodes are closed as cancelled.
+    UPDATE node_executions ne
+    SET status = 'cancelled', finished_at = clock_timestamp(),
+        error = jsonb_build_object('message', 'the execution stopped running (' || n.status || ')')
+    FROM new_rows n JOIN old_rows o ON o.org_id = n.org_id AND o.id = n.id
+    WHERE o.status = 'running' AND n.status IN ('queued', 'failed', 'cancelled', 'timed_out')
+      AND ne.org_id = n.org_id AND ne.execution_id = n.id AND ne.created_at >= n.created_at
+      AND ne.status = 'running';
+  END IF;
+  IF v_finished = 1 THEN
+    -- One finished execution (a worker's finish): the per-row path, two element updates.
+    FOR r IN SELECT n.org_id, n.workflow_id, n.status, n.duration_ms
+             FROM new_rows n JOIN old_rows o ON o.org_id = n.org_id AND o.id = n.id
+             WHERE n.status IS DISTINCT FROM o.status
+               AND n.status IN ('succeeded', 'failed', 'cancelled', 'timed_out') LOOP
+      PERFORM app.workflow_stats_record(r.org_id, r.workflow_id, r.status, r.duration_ms);
+    END LOOP;
+  ELSIF v_finished > 1 THEN
+    -- A batch (complete_many, a reaper): one upsert per workflow and one per workflow-day,
+    -- instead of updating the same rows once per execution.
+    PERFORM app.workflow_stats_record_many(array_agg(n.org_id), array_agg(n.workflow_id),
+                                           array_agg(n.status), array_agg(n.duration_ms),
+                                           array_agg(n.finished_at))
+    FROM new_rows n JOIN old_rows o ON o.org_id = n.org_id AND o.id = n.id
+    WHERE n.status IS DISTINCT FROM o.status
+      AND n.status IN ('succeeded', 'failed', 'cancelled', 'timed_out');
+  END IF;
+  IF v_retries > 0 THEN
+    -- Automatic retries: a new attempt after a jittered exponential backoff.
+    INSERT INTO executions (org_id, workflow_id, workflow_version, trigger, trigger_payload,
+                            input, priority, timeout_ms, attempt, max_attempts, auto_retry,
+                            retry_delay_ms, retry_of, parent_execution_id, scheduled_at,
+                            status_reason)
+    SELECT n.org_id, n.workflow_id, n.workflow_version, n.trigger, n.trigger_payload, n.input,
+           n.priority, n.timeout_ms, n.attempt + 1, n.max_attempts, true, n.retry_delay_ms,
+           n.id, n.parent_execution_id,
+           now() + app.execution_retry_delay(n.retry_delay_ms, n.attempt),
+           format('automatic retry %s of %s', n.attempt + 1, n.max_attempts)
+    FROM new_rows n JOIN old_rows o ON o.org_id = n.org_id AND o.id = n.id
+    WHERE n.status IS DISTINCT FROM o.status AND n.status IN ('failed', 'timed_out')
+      AND n.auto_retry AND n.attempt < n.max_attempts
+    ORDER BY n.org_id, n.id
+    ON CONFLICT DO NOTHING;
+  END IF;
+  IF v_wake THEN
+    PERFORM pg_notify('datalayer_executions', '');
+  END IF;
+  RETURN NULL;
+END $$;
+
+
 -- Rebuild one day's roll-ups from executions (finished on that UTC day): idempotent, and
 -- exact for a closed day. Rows of workflows with no execution that day are removed. Do not
 -- rebuild days whose executions were purged by retention: the roll-ups outlive them.
@@ -329,7 +518,9 @@ DECLARE
   f text;
 BEGIN
   FOREACH f IN ARRAY ARRAY['app.bigint_array_add(bigint[], bigint[])',
-                           'app.sum_arrays(bigint[])']
+                           'app.sum_arrays(bigint[])',
+                           'app.workflow_histogram(integer[], integer)',
+                           'app.workflow_stats_record_many(uuid[], uuid[], text[], bigint[], timestamptz[])']
   LOOP
     EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
     EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO datalayer_app, datalayer_maint', f);

@@ -41,6 +41,7 @@ async def run_demo(dl: DataLayer, out: TextIO) -> None:
     await _audit(dl, out)
     await _gdpr(dl, out)
     await _stats_and_health(dl, out)
+    await _analytics_search(dl, out)
 
 
 async def _tenancy(dl: DataLayer, out: TextIO) -> None:
@@ -708,3 +709,61 @@ async def _stats_and_health(dl: DataLayer, out: TextIO) -> None:
         f"/{report['pool'].get('size')}, oldest transaction "
         f"{report.get('transactions', {}).get('oldest_s')} s, replicas "
         f"{report.get('replication', {}).get('replicas')}")
+async def _analytics_search(dl: DataLayer, out: TextIO) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from datalayer.repos.analytics import refresh_analytics
+
+    say = _printer(out)
+    run = uuid.uuid4().hex[:6]
+    say("== Analytics and search: daily roll-ups as executions finish, a dashboard from "
+        "materialized views, tenant-scoped search ==")
+    org_id, owner_id = uuid.uuid4(), uuid.uuid4()
+    owner = Context(org_id, user_id=owner_id, role="owner", request_id=f"demo-{run}")
+    node = [{"id": "a", "type": "code"}]
+    async with dl.session(owner) as db:
+        await db.orgs.create(slug=f"vandelay-{run}", name="Vandelay")
+        await db.users.create(email=f"owner-{run}@vandelay.example")
+        await db.memberships.add(owner_id, "owner")
+        sync = await db.workflows.create("Invoice sync to ledger", nodes=node,
+                                         description="copies paid invoices into the ledger")
+        alert = await db.workflows.create("Slack alert on failed payment", nodes=node,
+                                          tags=["payments", "chat"])
+        for wf, n in ((sync.id, 6), (alert.id, 4)):
+            for _ in range(n):
+                await db.executions.enqueue(wf)
+    async with dl.session(owner) as db:  # a worker of this organization only
+        for k, ex in enumerate(await db.executions.claim(f"demo-{run}", limit=10)):
+            if k % 3 == 2:
+                await db.executions.fail(ex, error="ledger API answered 503 Service Unavailable")
+            else:
+                await db.executions.complete(ex)
+    await refresh_analytics(dl)  # the maintenance job (CONCURRENTLY: readers never wait)
+    async with dl.session(owner, readonly=True) as db:
+        d = await db.analytics.dashboard(days=7)
+        one = await db.analytics.workflow_range(sync.id, d.from_day, d.to_day)
+        hits = await db.search.query("ledg")
+        fuzzy = await db.search.query("invoce sync")
+    t = d.totals
+    say(f"last 7 days: {t.executions} executions, {t.successes} succeeded, {t.failures} "
+        f"failed; p95 {t.p95_duration_ms or 0:.1f} ms")
+    say(f"per day: {[(x.day.isoformat(), x.executions) for x in d.per_day]}; busiest UTC "
+        f"hour: {d.busiest_hours[0].hour if d.busiest_hours else '-'}")
+    say(f"top failing: {[(f.name, f.failures) for f in d.top_failing]}; "
+        f"{sync.name!r} alone: {one.executions} runs, {one.failures} failed")
+    say(f"search 'ledg' (prefix): {[(h.kind, h.snippet) for h in hits]}")
+    say(f"search 'invoce sync' (typos, {'pg_trgm' if dl.search_fuzzy else 'no pg_trgm'}): "
+        f"{[(h.kind, h.title, round(h.rank, 2)) for h in fuzzy]}")
+    async with dl.session(Context(None), readonly=True) as db:
+        say(f"the same search without a tenant context: {await db.search.query('ledg')}")
+    async with dl.system() as db:
+        from datalayer.repos.metrics import Point
+
+        now = datetime.now(UTC)
+        await db.metrics.record([Point("demo.search_ms", 1.0 + k % 3, now - timedelta(
+            seconds=k), {"run": run}) for k in range(60)])
+        s = await db.metrics.series("demo.search_ms", labels={"run": run},
+                                    start=now - timedelta(minutes=5))
+    say(f"system metric demo.search_ms over 5 minutes at {s.resolution!r}: "
+        f"{sum(b.count for b in s.buckets)} points in {len(s.buckets)} buckets")
+    say()

@@ -64,6 +64,8 @@ class Settings:
     query_buffer_max: int = 10_000  # slow samples waiting to be written; more are dropped
     otel_spans: bool = False  # an OpenTelemetry span per query (needs datalayer[otel])
     execution_retention_days: int = 0  # maintenance drops older execution partitions; 0 = keep
+    # Search: the pg_trgm typo-tolerant fallback when the extension is installed.
+    search_fuzzy: bool = True
     # "kid:base64key,…", the first one active. Secret: never in repr.
     keys: str | None = field(default=None, repr=False)
 
@@ -199,6 +201,8 @@ class Settings:
                           ("otel_spans", "DATALAYER_OTEL_SPANS")):
             if e.get(var):
                 kwargs[attr] = _bool(var, e[var])
+        if e.get("DATALAYER_SEARCH_FUZZY"):
+            kwargs["search_fuzzy"] = _bool("DATALAYER_SEARCH_FUZZY", e["DATALAYER_SEARCH_FUZZY"])
         if e.get("DATALAYER_CONTEXT_MODE"):
             kwargs["context_mode"] = e["DATALAYER_CONTEXT_MODE"]
         if e.get("DATALAYER_CACHE_BACKEND"):

@@ -102,6 +102,8 @@ def test_demo_shows_each_tenant_sees_only_itself(fresh_database: str) -> None:
     assert "login attempt 5 with a wrong password: locked" in result.stdout
     assert "a forged key verifies as None" in result.stdout
     assert "Initech reads Hooli's team: None; Hooli's owner: None" in result.stdout
+    assert "last 7 days: 10 executions, 7 succeeded, 3 failed" in result.stdout
+    assert "the same search without a tenant context: []" in result.stdout
 
 
 def test_dev_db_status_of_an_empty_directory(tmp_path: Path) -> None:

@@ -93,6 +93,8 @@ class DataLayer:
         # Per-query figures of every registry execution (datalayer/metrics.py).
         self.metrics = QueryMetrics(self.settings)
         self._pool: asyncpg.Pool | None = None
+        # Search's trigram fallback: pg_trgm installed and DATALAYER_SEARCH_FUZZY (start()).
+        self.search_fuzzy = False
         self._redis: aioredis.Redis | None = None
         # The cache (DATALAYER_CACHE_BACKEND); its backend connects in start().
         self.cache = Cache.for_layer(self)
@@ -134,6 +136,11 @@ class DataLayer:
             )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise (translate(exc) or Unavailable("cannot connect to the database")) from exc
+        if s.search_fuzzy:
+            from datalayer.repos.search import detect_fuzzy
+
+            async with self._pool.acquire() as conn:
+                self.search_fuzzy = await detect_fuzzy(conn)
         if s.redis_url:
             # Connects lazily on first command; an unreachable Redis fails that command
             # (callers decide whether to degrade), not start-up.

@@ -40,6 +40,7 @@ from datalayer.core.errors import (
 from datalayer.core.rows import RowQuery
 from datalayer.core.sqlfile import Query, Shape
 from datalayer.repos._base import Repository
+from datalayer.repos.analytics import Analytics
 from datalayer.repos.api_keys import ApiKeys
 from datalayer.repos.audit import Audit
 from datalayer.repos.auth import Auth
@@ -47,9 +48,11 @@ from datalayer.repos.credentials import Credentials
 from datalayer.repos.executions import Executions
 from datalayer.repos.gdpr import Gdpr
 from datalayer.repos.memberships import Memberships
+from datalayer.repos.metrics import Metrics
 from datalayer.repos.notifications import Notifications
 from datalayer.repos.orgs import Organizations
 from datalayer.repos.permissions import Permissions
+from datalayer.repos.search import Search
 from datalayer.repos.teams import Teams
 from datalayer.repos.users import Users
 from datalayer.repos.webhooks import Webhooks
@@ -386,6 +389,16 @@ class Session:
         return self._repo(Audit)
     def gdpr(self) -> Gdpr:
         return self._repo(Gdpr)
+    def analytics(self) -> Analytics:
+        return self._repo(Analytics)
+
+    @property
+    def search(self) -> Search:
+        return self._repo(Search)
+
+    @property
+    def metrics(self) -> Metrics:
+        return self._repo(Metrics)
 
 
 _SHAPE_CALL: dict[Shape, Any] = {

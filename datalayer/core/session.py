@@ -43,10 +43,12 @@ from datalayer.repos.api_keys import ApiKeys
 from datalayer.repos.auth import Auth
 from datalayer.repos.credentials import Credentials
 from datalayer.repos.executions import Executions
+from datalayer.repos.marketplace import Marketplace
 from datalayer.repos.memberships import Memberships
 from datalayer.repos.notifications import Notifications
 from datalayer.repos.orgs import Organizations
 from datalayer.repos.permissions import Permissions
+from datalayer.repos.plugins import Plugins
 from datalayer.repos.teams import Teams
 from datalayer.repos.users import Users
 from datalayer.repos.webhooks import Webhooks
@@ -344,6 +346,14 @@ class Session:
     @property
     def credentials(self) -> Credentials:
         return self._repo(Credentials)
+
+    @property
+    def plugins(self) -> Plugins:
+        return self._repo(Plugins)
+
+    @property
+    def marketplace(self) -> Marketplace:
+        return self._repo(Marketplace)
 
 
 _SHAPE_CALL: dict[Shape, Any] = {

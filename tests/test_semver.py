@@ -41,15 +41,15 @@ def spec_compare(a: Version, b: Version) -> int:
         return 1
     if not b.pre:
         return -1
-    for x, y in zip(a.pre, b.pre, strict=False):
-        if x == y:
+    for s, t in zip(a.pre, b.pre, strict=False):
+        if s == t:
             continue
-        xd, yd = x.isdigit(), y.isdigit()
-        if xd and yd:
-            return -1 if int(x) < int(y) else 1
-        if xd != yd:
-            return -1 if xd else 1
-        return -1 if x < y else 1
+        sd, td = s.isdigit(), t.isdigit()
+        if sd and td:
+            return -1 if int(s) < int(t) else 1
+        if sd != td:
+            return -1 if sd else 1
+        return -1 if s < t else 1
     if len(a.pre) == len(b.pre):
         return 0
     return -1 if len(a.pre) < len(b.pre) else 1

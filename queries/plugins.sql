@@ -198,7 +198,7 @@ SELECT installation_id, plugin_id, environment, version, advisory_id, identifier
        fixed_in
 FROM app.plugin_vulnerability_alerts();
 
--- name: store_secret :one
+-- name: store_secret :scalar
 INSERT INTO plugin_secrets (org_id, id, plugin_id, environment, secret)
 VALUES (app.org_id(), :id, :plugin_id, :environment, :secret)
 RETURNING id;

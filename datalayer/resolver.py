@@ -12,11 +12,11 @@ a range names one (see :mod:`datalayer.semver`).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from datalayer.core.errors import Conflict
-from datalayer.semver import Range, Version
+from datalayer.semver import Range, Version, parse_range, parse_version, version_from_key
 
 __all__ = ["ROOT", "Candidate", "Constraint", "Resolution", "ResolutionConflict", "Resolved",
            "resolve"]
@@ -25,15 +25,58 @@ ROOT = "<requirements>"
 MAX_STEPS = 20_000
 
 
-@dataclass(frozen=True, slots=True)
 class Candidate:
-    """One installable version of a plugin, with its dependencies (plugin id, range)."""
+    """One installable version of a plugin, with its dependencies (plugin id, range).
 
-    plugin_id: uuid.UUID
-    plugin_name: str
-    version_id: uuid.UUID
-    version: Version
-    deps: tuple[tuple[uuid.UUID, Range], ...] = ()
+    Dependencies may be given parsed (``deps``) or raw (``dep_ids`` and ``dep_ranges``
+    texts, parsed on first use through ``ranges``, a cache shared by the candidates of one
+    resolution): most candidates of a large graph are never picked, so most are never
+    parsed."""
+
+    __slots__ = ("_dep_ids", "_dep_ranges", "_deps", "_key", "_ranges", "_text", "_version",
+                 "plugin_id", "plugin_name", "version_id")
+
+    def __init__(self, plugin_id: uuid.UUID, plugin_name: str, version_id: uuid.UUID,
+                 version: Version | str, deps: Sequence[tuple[uuid.UUID, Range]] | None = None,
+                 *, key: str | None = None, dep_ids: Sequence[uuid.UUID] = (),
+                 dep_ranges: Sequence[str] = (), ranges: dict[str, Range] | None = None,
+                 ) -> None:
+        self.plugin_id = plugin_id
+        self.plugin_name = plugin_name
+        self.version_id = version_id
+        if isinstance(version, Version):
+            self._version: Version | None = version
+            self._text, self._key = str(version), version.key()
+        else:  # parsed on first use (with its SQL key: version_from_key)
+            self._version, self._text = None, version
+            self._key = key if key is not None else parse_version(version).key()
+        self._deps = None if deps is None else tuple(deps)
+        self._dep_ids = dep_ids
+        self._dep_ranges = dep_ranges
+        self._ranges = ranges
+
+    @property
+    def version(self) -> Version:
+        v = self._version
+        if v is None:
+            v = self._version = version_from_key(self._text, self._key)
+        return v
+
+    @property
+    def deps(self) -> tuple[tuple[uuid.UUID, Range], ...]:
+        if self._deps is None:
+            cache = self._ranges if self._ranges is not None else {}
+            out = []
+            for dep, text in zip(self._dep_ids, self._dep_ranges, strict=True):
+                rng = cache.get(text)
+                if rng is None:
+                    rng = cache[text] = parse_range(text)
+                out.append((dep, rng))
+            self._deps = tuple(out)
+        return self._deps
+
+    def __repr__(self) -> str:
+        return f"Candidate({self.plugin_name}@{self.version})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,44 +125,70 @@ class ResolutionConflict(Conflict):
 
 @dataclass
 class _State:
+    """The search. Constraints on a plugin are (range, imposing candidate or None for the
+    requirements); ``undecided`` holds the constrained plugins not chosen yet, in the order
+    they were first constrained (a dict as an ordered set: O(1) per change)."""
+
     candidates: Mapping[uuid.UUID, Sequence[Candidate]]
     names: dict[uuid.UUID, str]
     prerelease: bool
-    constraints: dict[uuid.UUID, list[tuple[Constraint, Range]]] = field(default_factory=dict)
+    constraints: dict[uuid.UUID, list[tuple[Range, Candidate | None]]] = field(
+        default_factory=dict)
+    undecided: dict[uuid.UUID, None] = field(default_factory=dict)
     chosen: dict[uuid.UUID, Candidate] = field(default_factory=dict)
     conflict: list[Constraint] | None = None
     steps: int = 0
 
-    def options(self, pid: uuid.UUID) -> list[Candidate]:
-        cons = self.constraints[pid]
+    def options(self, pid: uuid.UUID) -> Iterator[Candidate]:
+        """The candidates (highest first) that satisfy every constraint on ``pid``, lazily:
+        most of the time the first one is taken and the rest are never looked at."""
+        cons = [r for r, _ in self.constraints[pid]]
         pre = self.prerelease
-        return [c for c in self.candidates.get(pid, ())
-                if all(r.admits(c.version, prerelease=pre) for _, r in cons)]
+        for c in self.candidates.get(pid, ()):
+            v = c.version
+            if all(r.admits(v, prerelease=pre) for r in cons):
+                yield c
+
+    def constrain(self, pid: uuid.UUID, rng: Range, by: Candidate | None) -> None:
+        cons = self.constraints.get(pid)
+        if cons is None:
+            cons = self.constraints[pid] = []
+            if pid not in self.chosen:
+                self.undecided[pid] = None
+        cons.append((rng, by))
+
+    def unconstrain(self, pid: uuid.UUID) -> None:
+        cons = self.constraints[pid]
+        cons.pop()
+        if not cons:
+            del self.constraints[pid]
+            self.undecided.pop(pid, None)
 
     def note(self, pid: uuid.UUID) -> None:
         if self.conflict is None:
-            self.conflict = [k for k, _ in self.constraints[pid]]
+            name = self.names.get(pid, str(pid))
+            self.conflict = [
+                Constraint(pid, name, str(r),
+                           ROOT if by is None else f"{by.plugin_name}@{by.version}")
+                for r, by in self.constraints[pid]]
 
     def solve(self) -> bool:
         self.steps += 1
         if self.steps > MAX_STEPS:
             raise ResolutionConflict(f"dependency resolution gave up after {MAX_STEPS} steps "
                                      "(too many combinations); pin some versions")
-        pid = next((p for p in self.constraints if p not in self.chosen), None)
-        if pid is None:
+        if not self.undecided:
             return True
-        opts = self.options(pid)
-        if not opts:
-            self.note(pid)
-            return False
-        for cand in opts:
+        pid = next(iter(self.undecided))
+        del self.undecided[pid]
+        tried = False
+        for cand in self.options(pid):
+            tried = True
             self.chosen[pid] = cand
             added: list[uuid.UUID] = []
             ok = True
-            by = f"{cand.plugin_name}@{cand.version}"
             for dep, rng in cand.deps:
-                k = Constraint(dep, self.names.get(dep, str(dep)), str(rng), by)
-                self.constraints.setdefault(dep, []).append((k, rng))
+                self.constrain(dep, rng, cand)
                 added.append(dep)
                 picked = self.chosen.get(dep)
                 if picked is not None and not rng.admits(picked.version,
@@ -130,10 +199,12 @@ class _State:
             if ok and self.solve():
                 return True
             for dep in reversed(added):
-                self.constraints[dep].pop()
-                if not self.constraints[dep]:
-                    del self.constraints[dep]
+                self.unconstrain(dep)
             del self.chosen[pid]
+        if not tried:
+            self.note(pid)
+        # put it back first in line, as it was
+        self.undecided = {pid: None, **self.undecided}
         return False
 
 
@@ -192,13 +263,12 @@ def resolve(requirements: Mapping[uuid.UUID, Range],
     """Resolve ``requirements`` (plugin id -> range) against ``candidates`` (plugin id ->
     its installable versions, highest first). Raises :class:`ResolutionConflict`."""
     known = dict(names or {})
-    for cands in candidates.values():
-        for c in cands:
-            known.setdefault(c.plugin_id, c.plugin_name)
+    for pid, cands in candidates.items():
+        if cands:
+            known.setdefault(pid, cands[0].plugin_name)
     st = _State(candidates, known, prerelease)
     for pid, rng in requirements.items():
-        k = Constraint(pid, known.get(pid, str(pid)), str(rng), ROOT)
-        st.constraints.setdefault(pid, []).append((k, rng))
+        st.constrain(pid, rng, None)
     if not st.solve():
         cons = st.conflict or []
         if len(cons) == 1 and not st.candidates.get(cons[0].plugin_id):

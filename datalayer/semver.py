@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datalayer.core.errors import ValidationError
 
 __all__ = ["Comparator", "Range", "RangeError", "Version", "VersionError", "parse_range",
-           "parse_version"]
+           "parse_version", "version_from_key"]
 
 _NUM = r"0|[1-9]\d*"
 _PRE_ID = r"0|[1-9]\d*|\d*[A-Za-z-][0-9A-Za-z-]*"
@@ -99,6 +99,23 @@ class Version:
 
     def __ge__(self, other: Version) -> bool:
         return self._key >= other._key
+
+
+def version_from_key(text: str, key: str) -> Version:
+    """A version from its text and its precedence key as PostgreSQL computed it (the
+    ``vkey`` column): the fast path for many rows read back from the database. Releases
+    without build metadata skip the regular expression."""
+    if "-" in text or "+" in text:
+        return parse_version(text)
+    major, minor, patch = text.split(".")
+    v: Version = object.__new__(Version)
+    object.__setattr__(v, "major", int(major))
+    object.__setattr__(v, "minor", int(minor))
+    object.__setattr__(v, "patch", int(patch))
+    object.__setattr__(v, "pre", ())
+    object.__setattr__(v, "build", ())
+    object.__setattr__(v, "_key", key)
+    return v
 
 
 def parse_version(text: str) -> Version:

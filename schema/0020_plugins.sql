@@ -571,6 +571,8 @@ CREATE TRIGGER plugin_approvals_guard BEFORE INSERT ON plugin_approvals
   FOR EACH ROW EXECUTE FUNCTION app.plugin_approvals_guard();
 
 -- Catalog functions (SECURITY DEFINER: see the header) -----------------------------------------
+-- The hot ones are PL/pgSQL wrapping one RETURN QUERY: PL/pgSQL caches the statement's plan
+-- per session, where a non-inlinable SQL function (SECURITY DEFINER) is planned per call.
 
 -- Is a plugin row readable by the caller: listed in the public catalog, or the caller's own.
 -- Inlined by hand into every function below (an explicit filter on each statement).
@@ -583,8 +585,11 @@ RETURNS TABLE (org_id uuid, id uuid, name text, display_name text, summary text,
                sla_error_rate double precision, quality_score double precision,
                latest_version text, publisher text, created_at timestamptz,
                updated_at timestamptz)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
 AS $$
+#variable_conflict use_column
+BEGIN
+  RETURN QUERY
   SELECT p.org_id, p.id, p.name, p.display_name, p.summary, p.description, p.tags,
          p.categories, p.compat, p.license, p.visibility, p.status, p.sla_p95_ms,
          p.sla_error_rate, p.quality_score, p.latest_version, o.name, p.created_at,
@@ -592,7 +597,8 @@ AS $$
   FROM plugins p JOIN organizations o ON o.id = p.org_id AND o.deleted_at IS NULL
   WHERE p.id = p_plugin AND app.org_id() IS NOT NULL
     AND ((p.visibility = 'public' AND p.status IN ('approved', 'deprecated'))
-         OR p.org_id = app.org_id())
+         OR p.org_id = app.org_id());
+END
 $$;
 
 -- One version (with its manifest) by id, if the caller may see its plugin and, for another
@@ -602,8 +608,11 @@ RETURNS TABLE (org_id uuid, id uuid, plugin_id uuid, version text, prerelease bo
                manifest jsonb, changelog text, checksum text, size_bytes bigint, status text,
                status_reason text, quality_score double precision,
                published_at timestamptz, created_at timestamptz)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
 AS $$
+#variable_conflict use_column
+BEGIN
+  RETURN QUERY
   SELECT v.org_id, v.id, v.plugin_id, v.version, v.prerelease, v.manifest, v.changelog,
          v.checksum, v.size_bytes, v.status, v.status_reason, v.quality_score,
          v.published_at, v.created_at
@@ -611,7 +620,8 @@ AS $$
   WHERE v.id = p_version AND app.org_id() IS NOT NULL
     AND ((p.visibility = 'public' AND p.status IN ('approved', 'deprecated')
           AND v.status IN ('approved', 'deprecated', 'yanked'))
-         OR p.org_id = app.org_id())
+         OR p.org_id = app.org_id());
+END
 $$;
 
 -- Catalog search: listed public plugins plus the caller's own (any status), ranked by a
@@ -659,25 +669,30 @@ BEGIN
   IF NOT p_fuzzy THEN
     RETURN QUERY
     WITH hits AS (
-      SELECT p.* FROM plugins p
+      SELECT p.org_id, p.id, p.search, p.categories, p.compat, p.quality_score FROM plugins p
       WHERE p.visibility = 'public' AND p.status = 'approved' AND p.search @@ q
       UNION ALL
-      SELECT p.* FROM plugins p
+      SELECT p.org_id, p.id, p.search, p.categories, p.compat, p.quality_score FROM plugins p
       WHERE p.org_id = me AND p.search @@ q
         AND NOT (p.visibility = 'public' AND p.status = 'approved')
     ), ranked AS (
-      SELECT h.*, ts_rank_cd('{0.1, 0.2, 0.4, 1.0}', h.search, q, 1) AS r FROM hits h
+      SELECT h.org_id, h.id, ts_rank('{0.1, 0.2, 0.4, 1.0}', h.search, q, 1) AS r
+      FROM hits h
       WHERE (p_category IS NULL OR h.categories @> ARRAY[p_category])
         AND (p_publisher IS NULL OR h.org_id = p_publisher)
         AND (p_compat IS NULL OR h.compat @> ARRAY[p_compat])
         AND (p_min_quality IS NULL OR h.quality_score >= p_min_quality)
+    ), top AS (
+      SELECT k.org_id, k.id, k.r FROM ranked k
+      WHERE p_after_id IS NULL OR k.r < p_after_rank OR (k.r = p_after_rank AND k.id > p_after_id)
+      ORDER BY k.r DESC, k.id
+      LIMIT p_limit
     )
-    SELECT h.org_id, h.id, h.name, h.display_name, h.summary, h.tags, h.categories, h.compat,
-           h.license, h.visibility, h.status, h.quality_score, h.latest_version, o.name, h.r
-    FROM ranked h JOIN organizations o ON o.id = h.org_id
-    WHERE p_after_id IS NULL OR h.r < p_after_rank OR (h.r = p_after_rank AND h.id > p_after_id)
-    ORDER BY h.r DESC, h.id
-    LIMIT p_limit;
+    SELECT p.org_id, p.id, p.name, p.display_name, p.summary, p.tags, p.categories, p.compat,
+           p.license, p.visibility, p.status, p.quality_score, p.latest_version, o.name, t.r
+    FROM top t JOIN plugins p ON p.org_id = t.org_id AND p.id = t.id
+    JOIN organizations o ON o.id = t.org_id
+    ORDER BY t.r DESC, t.id;
     RETURN;
   END IF;
   IF NOT EXISTS (SELECT FROM pg_extension WHERE extname = 'pg_trgm') THEN
@@ -711,8 +726,11 @@ END $$;
 CREATE FUNCTION app.plugin_graph(p_roots uuid[])
 RETURNS TABLE (plugin_id uuid, plugin_name text, org_id uuid, version_id uuid, version text,
                vkey text, prerelease boolean, dep_plugin_ids uuid[], dep_ranges text[])
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
 AS $$
+#variable_conflict use_column
+BEGIN
+  RETURN QUERY
   WITH RECURSIVE visible AS (
     SELECT p.org_id, p.id, p.name FROM plugins p
     WHERE app.org_id() IS NOT NULL
@@ -739,6 +757,8 @@ AS $$
                         AND v.status IN ('approved', 'deprecated')
   LEFT JOIN plugin_dependencies d ON d.org_id = v.org_id AND d.version_id = v.id
   GROUP BY p.id, p.name, p.org_id, v.id, v.version, v.vkey, v.prerelease
+  ORDER BY p.id, v.vkey DESC;
+END
 $$;
 
 -- Reverse dependencies of a plugin: every visible published version that depends on it,
@@ -746,8 +766,11 @@ $$;
 CREATE FUNCTION app.plugin_dependents(p_plugin uuid)
 RETURNS TABLE (plugin_id uuid, plugin_name text, org_id uuid, version_id uuid, version text,
                status text, range text)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
 AS $$
+#variable_conflict use_column
+BEGIN
+  RETURN QUERY
   SELECT p.id, p.name, p.org_id, v.id, v.version, v.status, d.range
   FROM plugin_dependencies d
   JOIN plugin_versions v ON v.org_id = d.org_id AND v.id = d.version_id
@@ -756,7 +779,8 @@ AS $$
     AND ((p.visibility = 'public' AND p.status IN ('approved', 'deprecated')
           AND v.status IN ('approved', 'deprecated'))
          OR p.org_id = app.org_id())
-  ORDER BY p.name, v.vkey DESC
+  ORDER BY p.name, v.vkey DESC;
+END
 $$;
 
 -- Open advisories of a visible plugin.
@@ -779,8 +803,11 @@ $$;
 -- 'installable' (the version is not visible, not published or yanked) cannot be exempted.
 CREATE FUNCTION app.plugin_policy_check(p_plugin uuid, p_version uuid, p_env text)
 RETURNS TABLE (policy text, message text)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
 AS $$
+#variable_conflict use_column
+BEGIN
+  RETURN QUERY
   WITH me AS (
     SELECT app.org_id() AS org
   ), v AS (
@@ -847,7 +874,8 @@ AS $$
   WHERE f.policy = 'installable'
      OR NOT EXISTS (SELECT FROM plugin_exemptions e
                     WHERE e.org_id = me.org AND e.plugin_id = p_plugin
-                      AND e.policy = f.policy AND e.expires_at > now())
+                      AND e.policy = f.policy AND e.expires_at > now());
+END
 $$;
 
 -- The caller's installations affected by an open advisory (the alert query).

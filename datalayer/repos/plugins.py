@@ -573,16 +573,10 @@ class Plugins(Repository):
         rows = await self.graph(builtins.list(reqs))
         ranges: dict[str, Range] = {}
         cands: dict[uuid.UUID, builtins.list[Candidate]] = {}
-        for r in sorted(rows, key=lambda g: g.vkey, reverse=True):
-            deps = []
-            for dep, text in zip(r.dep_plugin_ids, r.dep_ranges, strict=True):
-                rng = ranges.get(text)
-                if rng is None:
-                    rng = ranges[text] = parse_range(text)
-                deps.append((dep, rng))
+        for r in rows:  # highest version first per plugin (ordered by the graph query)
             cands.setdefault(r.plugin_id, []).append(Candidate(
-                r.plugin_id, r.plugin_name, r.version_id, parse_version(r.version),
-                tuple(deps)))
+                r.plugin_id, r.plugin_name, r.version_id, r.version, key=r.vkey,
+                dep_ids=r.dep_plugin_ids, dep_ranges=r.dep_ranges, ranges=ranges))
         return resolve(reqs, cands, prerelease=prerelease)
 
     async def dependents(self, plugin_id: uuid.UUID, *,

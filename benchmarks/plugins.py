@@ -93,20 +93,20 @@ SELECT md5('bpluggraph')::uuid, md5('bgraph' || j)::uuid, 'graph-' || j, 'Graph 
        'public', 'approved', 'MIT'
 FROM generate_series(0, {gp} - 1) j;
 INSERT INTO plugin_versions (org_id, id, plugin_id, version, manifest, checksum, size_bytes,
-                             status, published_at)
+                             status, published_at, dep_plugin_ids, dep_ranges)
 SELECT md5('bpluggraph')::uuid, md5('bgraph' || j || '/' || k)::uuid, md5('bgraph' || j)::uuid,
        '1.' || k || '.0',
        '{{"name": "x", "entry_point": "p.m:run", "permissions": [], "config_schema": {{}}}}',
-       'sha256:' || repeat('a', 64), 1000, 'approved', now()
+       'sha256:' || repeat('a', 64), 1000, 'approved', now(),
+       (ARRAY[md5('bgraph' || (j + 1))::uuid,
+              md5('bgraph' || (j + 2))::uuid])[1:least(2, {gp} - 1 - j)],
+       (ARRAY['>=1.' || (k / 2) || '.0 <2.0.0-0',
+              '>=1.0.0 <1.' || (k + 1) || '.0'])[1:least(2, {gp} - 1 - j)]
 FROM generate_series(0, {gp} - 1) j, generate_series(0, {gv} - 1) k;
 INSERT INTO plugin_dependencies (org_id, version_id, dep_plugin_id, range)
-SELECT md5('bpluggraph')::uuid, md5('bgraph' || j || '/' || k)::uuid,
-       md5('bgraph' || (j + 1))::uuid, '>=1.' || (k / 2) || '.0 <2.0.0-0'
-FROM generate_series(0, {gp} - 2) j, generate_series(0, {gv} - 1) k;
-INSERT INTO plugin_dependencies (org_id, version_id, dep_plugin_id, range)
-SELECT md5('bpluggraph')::uuid, md5('bgraph' || j || '/' || k)::uuid,
-       md5('bgraph' || (j + 2))::uuid, '>=1.0.0 <1.' || (k + 1) || '.0'
-FROM generate_series(0, {gp} - 3) j, generate_series(0, {gv} - 1) k;
+SELECT v.org_id, v.id, d.p, d.r
+FROM plugin_versions v, unnest(v.dep_plugin_ids, v.dep_ranges) AS d(p, r)
+WHERE v.org_id = md5('bpluggraph')::uuid;
 -- governance of the consumer
 INSERT INTO plugin_policies (org_id, policy, config)
 VALUES (md5('bplugconsumer')::uuid, 'no_critical_vulnerability', '{{}}'),

@@ -58,23 +58,16 @@ FROM app.plugin_search(:query, :category, :publisher::uuid, :compat, :min_qualit
                        :after_rank, :after_id::uuid, :limit, :fuzzy);
 
 -- name: create_version :one
--- A draft version of an own plugin with its dependencies (parallel arrays), in one
--- statement. No row when the plugin is not the context's.
-WITH v AS (
-  INSERT INTO plugin_versions (org_id, id, plugin_id, version, manifest, changelog, checksum,
-                               size_bytes)
-  SELECT p.org_id, :id, p.id, :version, :manifest, :changelog, :checksum, :size_bytes
-  FROM plugins p WHERE p.org_id = app.org_id() AND p.id = :plugin_id
-  RETURNING org_id, id, plugin_id, version, prerelease, manifest, changelog, checksum,
-            size_bytes, status, status_reason, quality_score, published_at, created_at
-), d AS (
-  INSERT INTO plugin_dependencies (org_id, version_id, dep_plugin_id, range)
-  SELECT v.org_id, v.id, u.p, u.r
-  FROM v, unnest(:dep_plugin_ids::uuid[], :dep_ranges::text[]) AS u(p, r)
-)
-SELECT org_id, id, plugin_id, version, prerelease, manifest, changelog, checksum, size_bytes,
-       status, status_reason, quality_score, published_at, created_at
-FROM v;
+-- A draft version of an own plugin with its dependencies (parallel arrays; a trigger copies
+-- them into the reverse index plugin_dependencies). No row when the plugin is not the
+-- context's.
+INSERT INTO plugin_versions (org_id, id, plugin_id, version, manifest, changelog, checksum,
+                             size_bytes, dep_plugin_ids, dep_ranges)
+SELECT p.org_id, :id, p.id, :version, :manifest, :changelog, :checksum, :size_bytes,
+       :dep_plugin_ids::uuid[], :dep_ranges::text[]
+FROM plugins p WHERE p.org_id = app.org_id() AND p.id = :plugin_id
+RETURNING org_id, id, plugin_id, version, prerelease, manifest, changelog, checksum,
+          size_bytes, status, status_reason, quality_score, published_at, created_at;
 
 -- name: get_version :one
 SELECT org_id, id, plugin_id, version, prerelease, manifest, changelog, checksum, size_bytes,

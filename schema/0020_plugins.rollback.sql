@@ -28,6 +28,7 @@ DROP FUNCTION app.plugin_version_get(uuid);
 DROP FUNCTION app.plugin_get(uuid);
 DROP FUNCTION app.plugin_approvals_guard();
 DROP FUNCTION app.plugin_dependencies_guard();
+DROP FUNCTION app.plugin_versions_dependencies();
 DROP FUNCTION app.plugin_versions_latest();
 DROP FUNCTION app.plugin_versions_guard();
 DROP FUNCTION app.plugins_guard();

@@ -184,6 +184,8 @@ CREATE TABLE plugin_versions (
   status         text NOT NULL DEFAULT 'draft' CONSTRAINT plugin_versions_status_known
                  CHECK (status IN ('draft', 'in_review', 'approved', 'rejected', 'deprecated',
                                    'yanked')),
+  dep_plugin_ids uuid[] NOT NULL DEFAULT '{}',
+  dep_ranges     text[] NOT NULL DEFAULT '{}',
   status_reason  text CONSTRAINT plugin_versions_reason_length
                  CHECK (length(status_reason) <= 2000),
   quality_score  double precision,
@@ -193,11 +195,18 @@ CREATE TABLE plugin_versions (
   updated_at     timestamptz NOT NULL DEFAULT now(),
   PRIMARY KEY (org_id, id),
   CONSTRAINT plugin_versions_precedence_key UNIQUE (org_id, plugin_id, vkey),
+  CONSTRAINT plugin_versions_dependencies
+    CHECK (cardinality(dep_plugin_ids) = cardinality(dep_ranges)
+           AND cardinality(dep_plugin_ids) <= 100
+           AND array_position(dep_plugin_ids, NULL) IS NULL),
   FOREIGN KEY (org_id, plugin_id) REFERENCES plugins (org_id, id) ON DELETE CASCADE
 );
 CREATE INDEX plugin_versions_id_idx ON plugin_versions (id);
 
--- Dependencies of a version on other plugins (of any publisher): `range` is the normalized
+-- Dependencies of a version on other plugins (of any publisher): the version row holds them
+-- as parallel arrays (dep_plugin_ids, dep_ranges: what the resolver's graph query reads, no
+-- join or aggregation), and this table is their reverse index ("who depends on X?"), written
+-- only by the trigger that copies the arrays of a new version. `range` is the normalized
 -- range text (datalayer/semver.py parses and normalizes; resolution runs in Python).
 CREATE TABLE plugin_dependencies (
   org_id         uuid NOT NULL,
@@ -470,9 +479,10 @@ BEGIN
     RETURN OLD;
   END IF;
   IF OLD.status <> 'draft' AND (NEW.version, NEW.manifest, NEW.changelog, NEW.checksum,
-                                NEW.size_bytes, NEW.plugin_id)
+                                NEW.size_bytes, NEW.plugin_id, NEW.dep_plugin_ids,
+                                NEW.dep_ranges)
      IS DISTINCT FROM (OLD.version, OLD.manifest, OLD.changelog, OLD.checksum, OLD.size_bytes,
-                       OLD.plugin_id) THEN
+                       OLD.plugin_id, OLD.dep_plugin_ids, OLD.dep_ranges) THEN
     RAISE EXCEPTION 'version % is published and immutable (publish a new version)', OLD.version
       USING ERRCODE = 'P0001';
   END IF;
@@ -513,6 +523,19 @@ END $$;
 CREATE TRIGGER plugin_versions_latest AFTER UPDATE OF status ON plugin_versions
   FOR EACH ROW WHEN (NEW.status IS DISTINCT FROM OLD.status)
   EXECUTE FUNCTION app.plugin_versions_latest();
+
+-- The reverse index of a new version's dependencies.
+CREATE FUNCTION app.plugin_versions_dependencies() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS $$
+BEGIN
+  INSERT INTO plugin_dependencies (org_id, version_id, dep_plugin_id, range)
+  SELECT NEW.org_id, NEW.id, d.p, d.r
+  FROM unnest(NEW.dep_plugin_ids, NEW.dep_ranges) AS d(p, r);
+  RETURN NULL;
+END $$;
+CREATE TRIGGER plugin_versions_dependencies AFTER INSERT ON plugin_versions
+  FOR EACH ROW WHEN (cardinality(NEW.dep_plugin_ids) > 0)
+  EXECUTE FUNCTION app.plugin_versions_dependencies();
 
 -- Dependencies are part of the version: written only while it is a draft.
 CREATE FUNCTION app.plugin_dependencies_guard() RETURNS trigger
@@ -731,32 +754,25 @@ AS $$
 #variable_conflict use_column
 BEGIN
   RETURN QUERY
-  WITH RECURSIVE visible AS (
-    SELECT p.org_id, p.id, p.name FROM plugins p
-    WHERE app.org_id() IS NOT NULL
-      AND ((p.visibility = 'public' AND p.status IN ('approved', 'deprecated'))
-           OR p.org_id = app.org_id())
-  ), reach (id) AS (
+  WITH RECURSIVE reach (id) AS (
     SELECT DISTINCT r FROM unnest(p_roots) AS r
     UNION
-    SELECT d.dep_plugin_id
+    SELECT d.id
     FROM reach JOIN plugins p ON p.id = reach.id
     JOIN plugin_versions v ON v.org_id = p.org_id AND v.plugin_id = p.id
                           AND v.status IN ('approved', 'deprecated')
-    JOIN plugin_dependencies d ON d.org_id = v.org_id AND d.version_id = v.id
+    CROSS JOIN LATERAL unnest(v.dep_plugin_ids) AS d(id)
     WHERE (p.visibility = 'public' AND p.status IN ('approved', 'deprecated'))
           OR p.org_id = app.org_id()
   )
   SELECT p.id, p.name, p.org_id, v.id, v.version, v.vkey::text, v.prerelease,
-         coalesce(array_agg(d.dep_plugin_id ORDER BY d.dep_plugin_id)
-                  FILTER (WHERE d.dep_plugin_id IS NOT NULL), '{}'),
-         coalesce(array_agg(d.range ORDER BY d.dep_plugin_id)
-                  FILTER (WHERE d.dep_plugin_id IS NOT NULL), '{}')
-  FROM reach JOIN visible p ON p.id = reach.id
+         v.dep_plugin_ids, v.dep_ranges
+  FROM reach JOIN plugins p ON p.id = reach.id
   JOIN plugin_versions v ON v.org_id = p.org_id AND v.plugin_id = p.id
                         AND v.status IN ('approved', 'deprecated')
-  LEFT JOIN plugin_dependencies d ON d.org_id = v.org_id AND d.version_id = v.id
-  GROUP BY p.id, p.name, p.org_id, v.id, v.version, v.vkey, v.prerelease
+  WHERE app.org_id() IS NOT NULL
+    AND ((p.visibility = 'public' AND p.status IN ('approved', 'deprecated'))
+         OR p.org_id = app.org_id())
   ORDER BY p.id, v.vkey DESC;
 END
 $$;
@@ -989,6 +1005,7 @@ BEGIN
   FOREACH f IN ARRAY ARRAY[
     'app.plugins_guard()', 'app.plugin_versions_guard()', 'app.plugin_versions_latest()',
     'app.plugin_dependencies_guard()', 'app.plugin_approvals_guard()',
+    'app.plugin_versions_dependencies()',
     'app.plugin_get(uuid)', 'app.plugin_version_get(uuid)',
     'app.plugin_search(text, text, uuid, text, double precision, real, uuid, integer, boolean)',
     'app.plugin_graph(uuid[])', 'app.plugin_dependents(uuid)', 'app.plugin_advisories_of(uuid)',
@@ -1062,11 +1079,12 @@ GRANT SELECT,
       DELETE
   ON plugins TO datalayer_app;
 GRANT SELECT,
-      INSERT (org_id, id, plugin_id, version, manifest, changelog, checksum, size_bytes),
+      INSERT (org_id, id, plugin_id, version, manifest, changelog, checksum, size_bytes,
+              dep_plugin_ids, dep_ranges),
       UPDATE (manifest, changelog, checksum, size_bytes, status, status_reason),
       DELETE
   ON plugin_versions TO datalayer_app;
-GRANT SELECT, INSERT, DELETE ON plugin_dependencies TO datalayer_app;
+GRANT SELECT ON plugin_dependencies TO datalayer_app;
 GRANT SELECT, INSERT (org_id, id, position, name, required_role, environments),
       UPDATE (name, required_role, environments), DELETE
   ON plugin_approval_stages TO datalayer_app;

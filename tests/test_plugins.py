@@ -203,7 +203,7 @@ async def test_published_version_is_immutable(dl: DataLayer, pub: Tenant) -> Non
     with pytest.raises(asyncpg.RaiseError, match="cannot be deleted"):
         async with dl.session(pub.owner) as db:
             await db.connection.execute("DELETE FROM plugin_versions WHERE id = $1", v.id)
-    with pytest.raises(asyncpg.RaiseError, match="dependencies of a published version"):
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):  # a trigger's reverse index
         async with dl.session(pub.owner) as db:
             await db.connection.execute(
                 "INSERT INTO plugin_dependencies (org_id, version_id, dep_plugin_id, range) "

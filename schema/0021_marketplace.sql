@@ -200,7 +200,7 @@ BEGIN
   SELECT * INTO l FROM marketplace_listings x
   WHERE x.id = p_listing AND (x.status = 'listed' OR x.org_id = app.org_id());
   IF NOT FOUND THEN
-    RAISE EXCEPTION 'listing not found' USING ERRCODE = 'P0002';
+    RETURN;  -- no row: not found (or not visible)
   END IF;
   RETURN QUERY
   INSERT INTO marketplace_reviews AS r (org_id, listing_id, user_id, reviewer_org_id, rating,
@@ -243,7 +243,7 @@ BEGIN
   SELECT * INTO l FROM marketplace_listings x
   WHERE x.id = p_listing AND x.status = 'listed' AND x.pricing = 'paid';
   IF NOT FOUND THEN
-    RAISE EXCEPTION 'listing not found or not for sale' USING ERRCODE = 'P0002';
+    RETURN;  -- no row: not found, not listed or free
   END IF;
   RETURN QUERY
   INSERT INTO marketplace_purchases AS p (org_id, listing_id, seller_org_id, kind, amount,

@@ -187,7 +187,8 @@ class Marketplace(Repository):
         if not 1 <= rating <= 5:
             raise ValidationError("rating must be between 1 and 5")
         row = await self._db.fetch_one(REVIEW, listing_id=listing_id, rating=rating, body=body)
-        assert row is not None
+        if row is None:
+            raise NotFound("listing not found", query=REVIEW.name)
         return row
 
     async def reviews(self, listing_id: uuid.UUID, *,
@@ -202,7 +203,8 @@ class Marketplace(Repository):
     async def buy(self, listing_id: uuid.UUID) -> Purchase:
         """Buy a listed paid listing at its price (owners, admins)."""
         row = await self._db.fetch_one(BUY, listing_id=listing_id)
-        assert row is not None
+        if row is None:
+            raise NotFound("listing not found, not listed or not for sale", query=BUY.name)
         return row
 
     async def refund(self, purchase_id: uuid.UUID) -> Purchase:

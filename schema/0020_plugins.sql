@@ -930,7 +930,7 @@ BEGIN
     FROM app.plugin_policy_check(NEW.plugin_id, NEW.version_id, NEW.environment) c LIMIT 1;
     IF FOUND THEN
       RAISE EXCEPTION 'plugin policy % refused the install: %', bad.policy, bad.message
-        USING ERRCODE = 'P0001', HINT = bad.policy;
+        USING ERRCODE = 'P0001';
     END IF;
     SELECT v.org_id, v.version INTO ver FROM plugin_versions v WHERE v.id = NEW.version_id
       AND v.plugin_id = NEW.plugin_id;

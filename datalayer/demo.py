@@ -42,6 +42,7 @@ async def run_demo(dl: DataLayer, out: TextIO) -> None:
     await _gdpr(dl, out)
     await _stats_and_health(dl, out)
     await _analytics_search(dl, out)
+    await _plugins(dl, out)
 
 
 async def _tenancy(dl: DataLayer, out: TextIO) -> None:
@@ -766,4 +767,96 @@ async def _analytics_search(dl: DataLayer, out: TextIO) -> None:
                                     start=now - timedelta(minutes=5))
     say(f"system metric demo.search_ms over 5 minutes at {s.resolution!r}: "
         f"{sum(b.count for b in s.buckets)} points in {len(s.buckets)} buckets")
+async def _plugins(dl: DataLayer, out: TextIO) -> None:
+    from datetime import timedelta
+
+    from datalayer.core.errors import DataLayerError
+    from datalayer.resolver import ResolutionConflict
+
+    say = _printer(out)
+    run = uuid.uuid4().hex[:6]
+    say("== Plugins: SemVer catalog, dependency resolution, approvals, policies, exemptions ==")
+    pub = Context(uuid.uuid4(), user_id=uuid.uuid4(), role="owner")
+    use = Context(uuid.uuid4(), user_id=uuid.uuid4(), role="owner")
+    for ctx, slug, name in ((pub, f"plugsmith-{run}", "Plugsmith"),
+                            (use, f"pluguser-{run}", "Plug User")):
+        async with dl.session(ctx) as db:
+            await db.orgs.create(slug=slug, name=name)
+            await db.users.create(email=f"owner-{slug}@plugins.example")
+            await db.memberships.add(ctx.user_id, "owner")  # type: ignore[arg-type]
+
+    def manifest(name: str) -> dict[str, object]:
+        return {"name": name, "entry_point": f"{name.replace('-', '_')}.main:run",
+                "permissions": ["http:execute"],
+                "config_schema": {"type": "object", "required": ["endpoint"],
+                                  "properties": {"endpoint": {"type": "string"},
+                                                 "api_key": {"type": "string",
+                                                             "secret": True}}}}
+
+    checksum = "sha256:" + "0" * 64
+    versions: dict[str, uuid.UUID] = {}
+    async with dl.session(pub) as db:
+        http = await db.plugins.create(f"http-core-{run}", summary="HTTP client core",
+                                       visibility="public", license="MIT")
+        crm = await db.plugins.create(f"crm-sync-{run}", summary="Sync CRM contacts",
+                                      visibility="public", license="MIT", tags=["crm"])
+        for v in ("1.0.0", "1.4.2", "2.0.0", "2.1.0-beta.1"):
+            pv = await db.plugins.publish_version(http.id, v, manifest(http.name),
+                                                  checksum=checksum, size_bytes=4096)
+            versions[f"http {v}"] = (await db.plugins.approve_version(pv.id)).id
+        for v, rng in (("1.0.0", "^1.2"), ("1.1.0", "~1.4"), ("2.0.0", ">=2.0 <3.0")):
+            pv = await db.plugins.publish_version(crm.id, v, manifest(crm.name),
+                                                  checksum=checksum, size_bytes=2048,
+                                                  dependencies={http.id: rng})
+            versions[f"crm {v}"] = (await db.plugins.approve_version(pv.id)).id
+        for p in (http, crm):
+            await db.plugins.set_status(p.id, "in_review")
+            await db.plugins.set_status(p.id, "approved")
+        ordered = [x.version for x in await db.plugins.versions(http.id)]
+    say(f"published {http.name} {ordered} (SQL orders them by SemVer precedence)")
+    say(f"published {crm.name}: 1.0.0 needs ^1.2, 1.1.0 needs ~1.4, 2.0.0 needs >=2.0 <3.0")
+    async with dl.session(use, readonly=True) as db:
+        hits = (await db.plugins.search("crm contacts")).items
+        say(f"Plug User searches 'crm contacts': {[h.name for h in hits]}")
+        res = await db.plugins.resolve({crm.id: "^1"})
+        say(f"resolve {crm.name} ^1: {[(r.plugin_name, r.version) for r in res.installs]}")
+        try:
+            await db.plugins.resolve({crm.id: "^1", http.id: "^2"})
+        except ResolutionConflict as exc:
+            say(f"resolve {crm.name} ^1 with {http.name} ^2: conflict:")
+            for c in exc.constraints:
+                say(f"    {c}")
+    v_crm = versions["crm 1.1.0"]
+    async with dl.session(use) as db:
+        security = await db.plugins.add_stage(1, "security review", required_role="admin",
+                                              environments=["staging", "production"])
+        admin_stage = await db.plugins.add_stage(2, "admin sign-off", required_role="owner",
+                                                 environments=["production"])
+        await db.plugins.set_policy("license_allowlist", licenses=["Apache-2.0"])
+        await db.plugins.set_policy("no_critical_vulnerability")
+        say("Plug User: stages [security review -> admin sign-off], policies "
+            "[license_allowlist (Apache-2.0), no_critical_vulnerability]")
+        for stage in (security, admin_stage):
+            d = await db.plugins.decide(crm.id, v_crm, stage.id, "approved")
+            say(f"stage {stage.name!r}: {d.decision} by role {d.decided_role}")
+    try:
+        async with dl.session(use) as db:
+            await db.plugins.install(crm.id, v_crm, "production",
+                                     config={"endpoint": "https://crm.example"},
+                                     secrets={"api_key": "sk-demo"})
+    except DataLayerError as exc:
+        say(f"install {crm.name} 1.1.0 in production: {type(exc).__name__}: {exc}")
+    async with dl.session(use) as db:
+        ex = await db.plugins.grant_exemption(crm.id, "license_allowlist",
+                                              "legal reviewed the MIT license for this plugin",
+                                              ttl=timedelta(days=30))
+        say(f"exemption for license_allowlist until {ex.expires_at:%Y-%m-%d} "
+            f"(approved by the owner; expires by itself)")
+        inst = await db.plugins.install(crm.id, v_crm, "production",
+                                        config={"endpoint": "https://crm.example"},
+                                        secrets={"api_key": "sk-demo"})
+        say(f"installed {crm.name} {inst.version} in production, config={inst.config}, "
+            f"secrets encrypted (id {inst.secret_id})")
+        history = await db.plugins.deployments(crm.id, "production")
+        say(f"deployment records: {[d.action for d in history]}")
     say()

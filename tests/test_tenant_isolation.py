@@ -52,6 +52,7 @@ from datalayer.core.sqlfile import Shape
 from datalayer.repos._base import Page
 from datalayer.repos.api_keys import IssuedKey
 from datalayer.repos.orgs import Organization
+from datalayer.repos.plugins import UsageEvent
 from datalayer.repos.users import User
 from tests.conftest import RUN_ID, create_database, drop_database, make_settings
 
@@ -534,6 +535,27 @@ async def make_tenant(dl: DataLayer, tag: str) -> Tenant:
                                  event_type=f"{tag}.event", payload={"h": h},
                                  source_ip="192.0.2.7")
         await db.gdpr.record_consent(f"{tag}-purpose", granted=True, notice_version=f"v-{h}")
+        # Plugins (private: nothing of them may cross), governance, an installation.
+        plug = await db.plugins.create(f"{tag}-plug-{h}", summary=f"{tag} plugin {h}",
+                                       tags=[tag], license="MIT")
+        pv = await db.plugins.publish_version(
+            plug.id, "1.0.0", {"name": plug.name, "entry_point": "p.m:run", "permissions": [],
+                               "config_schema": {"type": "object", "properties": {
+                                   "token": {"type": "string", "secret": True}}}},
+            checksum="sha256:" + hashlib.sha256(h.encode()).hexdigest(), size_bytes=1,
+            dependencies={uuid.uuid4(): "^1.0.0"})
+        await db.plugins.approve_version(pv.id)
+        await db.plugins.add_advisory(plug.id, f"CVE-{h}", "high", "<2.0.0")
+        stage = await db.plugins.add_stage(1, f"{tag} review {h}")
+        await db.plugins.decide(plug.id, pv.id, stage.id, "approved")
+        await db.plugins.set_policy("license_allowlist", licenses=["MIT"])
+        await db.plugins.approve_publisher(uuid.uuid4())
+        await db.plugins.grant_exemption(plug.id, "no_critical_vulnerability",
+                                         f"{tag} exemption {h}", ttl=timedelta(hours=1))
+        await db.plugins.install(plug.id, pv.id, "development", secrets={"token": h})
+        await db.plugins.ingest_usage([UsageEvent(plug.id, "invocation", 5.0)])
+        await db.marketplace.create_listing(f"{tag} listing {h}", plugin_id=plug.id,
+                                            price="9.99", status="draft")
     return Tenant(tag, org_id, owner_id, viewer_id, guest_id, email)
 
 

@@ -47,12 +47,14 @@ from datalayer.repos.auth import Auth
 from datalayer.repos.credentials import Credentials
 from datalayer.repos.executions import Executions
 from datalayer.repos.gdpr import Gdpr
+from datalayer.repos.marketplace import Marketplace
 from datalayer.repos.memberships import Memberships
 from datalayer.repos.metrics import Metrics
 from datalayer.repos.notifications import Notifications
 from datalayer.repos.orgs import Organizations
 from datalayer.repos.permissions import Permissions
 from datalayer.repos.search import Search
+from datalayer.repos.plugins import Plugins
 from datalayer.repos.teams import Teams
 from datalayer.repos.users import Users
 from datalayer.repos.webhooks import Webhooks
@@ -399,6 +401,12 @@ class Session:
     @property
     def metrics(self) -> Metrics:
         return self._repo(Metrics)
+    def plugins(self) -> Plugins:
+        return self._repo(Plugins)
+
+    @property
+    def marketplace(self) -> Marketplace:
+        return self._repo(Marketplace)
 
 
 _SHAPE_CALL: dict[Shape, Any] = {

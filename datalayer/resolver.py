@@ -1,0 +1,285 @@
+"""Dependency resolution over a fetched candidate graph (pure Python, no I/O).
+
+:func:`resolve` picks, for every plugin reachable from the requirements, the highest version
+that satisfies every constraint imposed on it (by the requirements and by the dependencies of
+the versions picked so far), backtracking to lower versions when a choice leads to a dead end.
+It fails with :class:`ResolutionConflict` naming the constraints that cannot hold together
+and who imposed them, or the dependency cycle among the picked versions. Yanked versions are
+not candidates (the graph query leaves them out); pre-releases only when asked for, or when
+a range names one (see :mod:`datalayer.semver`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from datalayer.core.errors import Conflict
+from datalayer.semver import Range, Version, parse_range, parse_version, version_from_key
+
+__all__ = ["ROOT", "Candidate", "Constraint", "Resolution", "ResolutionConflict", "Resolved",
+           "resolve"]
+
+ROOT = "<requirements>"
+MAX_STEPS = 20_000
+
+
+class Candidate:
+    """One installable version of a plugin, with its dependencies (plugin id, range).
+
+    Dependencies may be given parsed (``deps``) or raw (``dep_ids`` and ``dep_ranges``
+    texts, parsed on first use through ``ranges``, a cache shared by the candidates of one
+    resolution): most candidates of a large graph are never picked, so most are never
+    parsed."""
+
+    __slots__ = ("_dep_ids", "_dep_ranges", "_deps", "_key", "_ranges", "_text", "_version",
+                 "plugin_id", "plugin_name", "version_id")
+
+    def __init__(self, plugin_id: uuid.UUID, plugin_name: str, version_id: uuid.UUID,
+                 version: Version | str, deps: Sequence[tuple[uuid.UUID, Range]] | None = None,
+                 *, key: str | None = None, dep_ids: Sequence[uuid.UUID] = (),
+                 dep_ranges: Sequence[str] = (), ranges: dict[str, Range] | None = None,
+                 ) -> None:
+        self.plugin_id = plugin_id
+        self.plugin_name = plugin_name
+        self.version_id = version_id
+        if isinstance(version, Version):
+            self._version: Version | None = version
+            self._text, self._key = str(version), version.key()
+        else:  # parsed on first use (with its SQL key: version_from_key)
+            self._version, self._text = None, version
+            self._key = key if key is not None else parse_version(version).key()
+        self._deps = None if deps is None else tuple(deps)
+        self._dep_ids = dep_ids
+        self._dep_ranges = dep_ranges
+        self._ranges = ranges
+
+    @property
+    def version(self) -> Version:
+        v = self._version
+        if v is None:
+            v = self._version = version_from_key(self._text, self._key)
+        return v
+
+    @property
+    def deps(self) -> tuple[tuple[uuid.UUID, Range], ...]:
+        if self._deps is None:
+            cache = self._ranges if self._ranges is not None else {}
+            out = []
+            for dep, text in zip(self._dep_ids, self._dep_ranges, strict=True):
+                rng = cache.get(text)
+                if rng is None:
+                    rng = cache[text] = parse_range(text)
+                out.append((dep, rng))
+            self._deps = tuple(out)
+        return self._deps
+
+    def __repr__(self) -> str:
+        return f"Candidate({self.plugin_name}@{self.version})"
+
+
+@dataclass(frozen=True, slots=True)
+class Constraint:
+    """``range`` on ``plugin``, imposed by ``required_by`` (``name@version`` or ROOT)."""
+
+    plugin_id: uuid.UUID
+    plugin: str
+    range: str
+    required_by: str
+
+    def __str__(self) -> str:
+        return f"{self.plugin} {self.range} (required by {self.required_by})"
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    plugin_id: uuid.UUID
+    plugin_name: str
+    version_id: uuid.UUID
+    version: str
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """The versions to install, dependencies before their dependents."""
+
+    installs: list[Resolved]
+    steps: int = 0
+
+    def version_of(self, plugin_id: uuid.UUID) -> str | None:
+        return next((r.version for r in self.installs if r.plugin_id == plugin_id), None)
+
+
+class ResolutionConflict(Conflict):
+    """No set of versions satisfies the constraints. ``constraints`` are the incompatible
+    constraints (on one plugin) and who imposed them; ``cycle`` the plugin names of a
+    dependency cycle, when that is the reason."""
+
+    def __init__(self, message: str, *, constraints: Sequence[Constraint] = (),
+                 cycle: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.constraints = list(constraints)
+        self.cycle = list(cycle)
+
+
+@dataclass
+class _State:
+    """The search. Constraints on a plugin are (range, imposing candidate or None for the
+    requirements); ``undecided`` holds the constrained plugins not chosen yet, in the order
+    they were first constrained (a dict as an ordered set: O(1) per change)."""
+
+    candidates: Mapping[uuid.UUID, Sequence[Candidate]]
+    names: dict[uuid.UUID, str]
+    prerelease: bool
+    constraints: dict[uuid.UUID, list[tuple[Range, Candidate | None]]] = field(
+        default_factory=dict)
+    undecided: dict[uuid.UUID, None] = field(default_factory=dict)
+    chosen: dict[uuid.UUID, Candidate] = field(default_factory=dict)
+    conflict: list[Constraint] | None = None
+    steps: int = 0
+
+    def options(self, pid: uuid.UUID) -> Iterator[Candidate]:
+        """The candidates (highest first) that satisfy every constraint on ``pid``, lazily:
+        most of the time the first one is taken and the rest are never looked at."""
+        cons = [r for r, _ in self.constraints[pid]]
+        pre = self.prerelease
+        for c in self.candidates.get(pid, ()):
+            v = c.version
+            if all(r.admits(v, prerelease=pre) for r in cons):
+                yield c
+
+    def constrain(self, pid: uuid.UUID, rng: Range, by: Candidate | None) -> None:
+        cons = self.constraints.get(pid)
+        if cons is None:
+            cons = self.constraints[pid] = []
+            if pid not in self.chosen:
+                self.undecided[pid] = None
+        cons.append((rng, by))
+
+    def unconstrain(self, pid: uuid.UUID) -> None:
+        cons = self.constraints[pid]
+        cons.pop()
+        if not cons:
+            del self.constraints[pid]
+            self.undecided.pop(pid, None)
+
+    def note(self, pid: uuid.UUID) -> None:
+        if self.conflict is None:
+            name = self.names.get(pid, str(pid))
+            self.conflict = [
+                Constraint(pid, name, str(r),
+                           ROOT if by is None else f"{by.plugin_name}@{by.version}")
+                for r, by in self.constraints[pid]]
+
+    def solve(self) -> bool:
+        self.steps += 1
+        if self.steps > MAX_STEPS:
+            raise ResolutionConflict(f"dependency resolution gave up after {MAX_STEPS} steps "
+                                     "(too many combinations); pin some versions")
+        if not self.undecided:
+            return True
+        pid = next(iter(self.undecided))
+        del self.undecided[pid]
+        tried = False
+        for cand in self.options(pid):
+            tried = True
+            self.chosen[pid] = cand
+            added: list[uuid.UUID] = []
+            ok = True
+            for dep, rng in cand.deps:
+                self.constrain(dep, rng, cand)
+                added.append(dep)
+                picked = self.chosen.get(dep)
+                if picked is not None and not rng.admits(picked.version,
+                                                         prerelease=self.prerelease):
+                    ok = False
+                    self.note(dep)
+                    break
+            if ok and self.solve():
+                return True
+            for dep in reversed(added):
+                self.unconstrain(dep)
+            del self.chosen[pid]
+        if not tried:
+            self.note(pid)
+        # put it back first in line, as it was
+        self.undecided = {pid: None, **self.undecided}
+        return False
+
+
+def _cycle(chosen: Mapping[uuid.UUID, Candidate]) -> list[str] | None:
+    """A dependency cycle among the chosen versions (names, first repeated at the end)."""
+    color: dict[uuid.UUID, int] = {}
+    stack: list[uuid.UUID] = []
+
+    def visit(pid: uuid.UUID) -> list[str] | None:
+        color[pid] = 1
+        stack.append(pid)
+        for dep, _ in chosen[pid].deps:
+            if dep not in chosen:
+                continue
+            if color.get(dep) == 1:
+                loop = [*stack[stack.index(dep):], dep]
+                return [chosen[p].plugin_name for p in loop]
+            if dep not in color:
+                found = visit(dep)
+                if found:
+                    return found
+        stack.pop()
+        color[pid] = 2
+        return None
+
+    for pid in chosen:
+        if pid not in color:
+            found = visit(pid)
+            if found:
+                return found
+    return None
+
+
+def _order(chosen: Mapping[uuid.UUID, Candidate]) -> list[Candidate]:
+    """Dependencies first (the graph is acyclic here)."""
+    out: list[Candidate] = []
+    seen: set[uuid.UUID] = set()
+
+    def visit(pid: uuid.UUID) -> None:
+        seen.add(pid)
+        for dep, _ in chosen[pid].deps:
+            if dep in chosen and dep not in seen:
+                visit(dep)
+        out.append(chosen[pid])
+
+    for pid in sorted(chosen, key=lambda p: chosen[p].plugin_name):
+        if pid not in seen:
+            visit(pid)
+    return out
+
+
+def resolve(requirements: Mapping[uuid.UUID, Range],
+            candidates: Mapping[uuid.UUID, Sequence[Candidate]], *,
+            names: Mapping[uuid.UUID, str] | None = None,
+            prerelease: bool = False) -> Resolution:
+    """Resolve ``requirements`` (plugin id -> range) against ``candidates`` (plugin id ->
+    its installable versions, highest first). Raises :class:`ResolutionConflict`."""
+    known = dict(names or {})
+    for pid, cands in candidates.items():
+        if cands:
+            known.setdefault(pid, cands[0].plugin_name)
+    st = _State(candidates, known, prerelease)
+    for pid, rng in requirements.items():
+        st.constrain(pid, rng, None)
+    if not st.solve():
+        cons = st.conflict or []
+        if len(cons) == 1 and not st.candidates.get(cons[0].plugin_id):
+            raise ResolutionConflict(
+                f"no installable version of {cons[0].plugin} is visible "
+                f"(required by {cons[0].required_by})", constraints=cons)
+        detail = "; ".join(map(str, cons))
+        raise ResolutionConflict(f"no version satisfies every constraint: {detail}",
+                                 constraints=cons)
+    loop = _cycle(st.chosen)
+    if loop:
+        raise ResolutionConflict("dependency cycle: " + " -> ".join(loop), cycle=loop)
+    return Resolution([Resolved(c.plugin_id, c.plugin_name, c.version_id, str(c.version))
+                       for c in _order(st.chosen)], st.steps)

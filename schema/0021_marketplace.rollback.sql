@@ -1,0 +1,10 @@
+DROP TABLE marketplace_payouts;
+DROP TABLE marketplace_purchases;
+DROP TABLE marketplace_reviews;
+DROP TABLE marketplace_listings;
+DROP FUNCTION app.marketplace_refund(uuid);
+DROP FUNCTION app.marketplace_buy(uuid);
+DROP FUNCTION app.marketplace_reviews_of(uuid, timestamptz, uuid, integer);
+DROP FUNCTION app.marketplace_review(uuid, integer, text);
+DROP FUNCTION app.marketplace_search(text, text, text, boolean, real, uuid, integer);
+DROP FUNCTION app.marketplace_reviews_aggregate();

@@ -41,9 +41,12 @@ from datalayer.core.sqlfile import Query, Shape
 from datalayer.repos._base import Repository
 from datalayer.repos.api_keys import ApiKeys
 from datalayer.repos.auth import Auth
+from datalayer.repos.conversations import Conversations
 from datalayer.repos.credentials import Credentials
 from datalayer.repos.executions import Executions
+from datalayer.repos.knowledge import Knowledge
 from datalayer.repos.memberships import Memberships
+from datalayer.repos.models import Models
 from datalayer.repos.notifications import Notifications
 from datalayer.repos.orgs import Organizations
 from datalayer.repos.permissions import Permissions
@@ -344,6 +347,18 @@ class Session:
     @property
     def credentials(self) -> Credentials:
         return self._repo(Credentials)
+
+    @property
+    def models(self) -> Models:
+        return self._repo(Models)
+
+    @property
+    def conversations(self) -> Conversations:
+        return self._repo(Conversations)
+
+    @property
+    def knowledge(self) -> Knowledge:
+        return self._repo(Knowledge)
 
 
 _SHAPE_CALL: dict[Shape, Any] = {

@@ -21,4 +21,3 @@ DROP FUNCTION app.hist_add(integer[], integer[]);
 DROP FUNCTION app.latency_hist(integer[]);
 DROP FUNCTION app.latency_bounds();
 ALTER TABLE users DROP COLUMN conversation_preferences, DROP COLUMN personality_traits;
-DROP EXTENSION IF EXISTS btree_gin;

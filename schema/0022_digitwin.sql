@@ -17,8 +17,6 @@
 -- Counting is per (organization, user): the twin lives in an organization, and a count
 -- across organizations would have to read other tenants' rows.
 
-CREATE EXTENSION IF NOT EXISTS btree_gin;
-
 -- Profile additions (users is global; schema/0004_identity.sql already has preferences and
 -- subscription_tier).
 ALTER TABLE users
@@ -294,8 +292,14 @@ CREATE INDEX knowledge_documents_queue_idx ON knowledge_documents (created_at, i
   WHERE status IN ('pending', 'processing') AND deleted_at IS NULL;
 
 -- Chunks: ordered text segments of a document, searchable. The heading (the document title
--- unless the worker gives a section heading) weighs A, the text B. The search index leads
--- with (org_id, user_id) (btree_gin), so one GIN scan intersects "this user" with the terms.
+-- unless the worker gives a section heading) weighs A, the text B.
+--
+-- The search index is on tsv alone. Measured at 100,000 chunks of one user: a GIN index on
+-- (org_id, user_id, tsv) (btree_gin) reads the user's whole posting lists on every search
+-- (2.0 ms for a rare term), the tsv-only index reads the term's (0.09 ms), and the user
+-- filter is then a cheap recheck; for terms common across many users the planner can AND
+-- it with knowledge_chunks_user_idx. Under RLS `@@` is not leakproof and never an index
+-- qual, so searches go through app.knowledge_search, which filters on the user explicitly.
 CREATE TABLE knowledge_chunks (
   org_id        uuid NOT NULL,
   id            bigint GENERATED ALWAYS AS IDENTITY,
@@ -315,7 +319,8 @@ CREATE TABLE knowledge_chunks (
   CONSTRAINT knowledge_chunks_seq_key UNIQUE (org_id, document_id, seq),
   FOREIGN KEY (org_id, document_id) REFERENCES knowledge_documents (org_id, id) ON DELETE CASCADE
 );
-CREATE INDEX knowledge_chunks_search_idx ON knowledge_chunks USING gin (org_id, user_id, tsv);
+CREATE INDEX knowledge_chunks_search_idx ON knowledge_chunks USING gin (tsv);
+CREATE INDEX knowledge_chunks_user_idx ON knowledge_chunks (org_id, user_id);
 
 -- Limits -------------------------------------------------------------------------------------
 -- Lock the user's usage row (creating it) and check one limit. p_kind: models | documents |
@@ -496,8 +501,8 @@ $$;
 
 -- Full-text search over the context user's chunks of live documents: weighted (heading A,
 -- text B), ranked by ts_rank_cd, with ts_headline snippets computed for the returned rows
--- only. SECURITY DEFINER with explicit filters on the context organization and user, so that
--- `@@` (not leakproof, hence never an index qual under RLS) is an index qual of
+-- only. SECURITY DEFINER (no RLS) with explicit filters on the context organization and user,
+-- so that `@@` (not leakproof, hence never an index qual under RLS) is an index qual of
 -- knowledge_chunks_search_idx. plpgsql: the plan is cached per connection.
 CREATE FUNCTION app.knowledge_search(p_query text, p_limit integer)
 RETURNS TABLE (chunk_id bigint, document_id uuid, seq integer, heading text, content text,

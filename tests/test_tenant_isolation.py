@@ -77,6 +77,8 @@ GLOBAL_UNIQUE_KEYS: dict[str, str] = {
 DEFINER_ONLY_TABLES: dict[str, str] = {
     "auth_tokens": "global token store (user tokens have no organization); reached only "
                    "through the SECURITY DEFINER login-path functions",
+    "twin_usage": "DigiTwin limit counters (the row every limit check locks); written only by "
+                  "the SECURITY DEFINER limit triggers, read through app.twin_usage()",
 }
 
 # Tables datalayer_app reaches that have no org_id: global by design. The value selects the
@@ -528,6 +530,22 @@ async def make_tenant(dl: DataLayer, tag: str) -> Tenant:
         await db.webhooks.ingest(hook.webhook.id, idempotency_key=f"{tag}-evt-{h}",
                                  event_type=f"{tag}.event", payload={"h": h},
                                  source_ip="192.0.2.7")
+        # DigiTwin: a model, a processed document with chunks, a session with a turn.
+        await db.models.set_profile(personality_traits=[f"{tag}-trait-{h}"])
+        model = await db.models.create("voice", provider=f"{tag}-prov",
+                                       storage_uri=f"s3://{tag}/{h}.bin")
+        await db.models.set_status(model.id, "training")
+        await db.models.set_status(model.id, "ready")
+        await db.models.activate(model.id)
+        doc = await db.knowledge.create(f"{tag} doc {h}", content=f"{tag} knowledge {h}")
+        await db.knowledge.claim(f"{tag}-worker")
+        await db.knowledge.store_chunks(doc.document.id, f"{tag}-worker",
+                                        [f"{tag} chunk {h}", f"{tag} more {h}"])
+        chunk = (await db.knowledge.chunks(doc.document.id))[0]
+        conv = await db.conversations.start(title=f"{tag} chat {h}")
+        await db.conversations.append_turn(conv.id, input_text=f"{tag} asks {h}",
+                                           response_text=f"{tag} answer {h}", total_ms=42,
+                                           source_chunk_ids=[chunk.id])
     return Tenant(tag, org_id, owner_id, viewer_id, guest_id, email)
 
 

@@ -109,9 +109,15 @@ RETURNING org_id, id, user_id, kind, name, provider, storage_uri, status, qualit
 DELETE FROM twin_models WHERE org_id = app.org_id() AND id = :id;
 
 -- name: seed :scalar
--- Seeding (dl.system()): one voice and one face model per (organization, user), the first
--- ready and active. Returns the rows created.
-WITH ins AS (
+-- Seeding (dl.system()): the given users on the free tier, or pro when listed in
+-- :pro_user_ids, each with a ready, active voice and face model per (organization, user).
+-- Returns the models created.
+WITH tiers AS (
+  UPDATE users SET subscription_tier = CASE WHEN id = ANY(:pro_user_ids::uuid[]) THEN 'pro'
+                                            ELSE 'free' END
+  WHERE id = ANY(:user_ids::uuid[])
+  RETURNING 1
+), ins AS (
   INSERT INTO twin_models (org_id, user_id, kind, name, provider, storage_uri, status,
                            quality_metrics, training_params, is_active, training_started_at,
                            ready_at, activated_at, created_at)
@@ -122,6 +128,7 @@ WITH ins AS (
          now() - interval '1 day', now() - interval '1 day', now() - interval '3 days'
   FROM unnest(:org_ids::uuid[], :user_ids::uuid[]) AS u(org_id, user_id)
   CROSS JOIN (VALUES ('voice', 'elevenlabs'), ('face', 'heygen')) AS k(kind, provider)
+  WHERE (SELECT count(*) FROM tiers) >= 0
   RETURNING 1
 )
 SELECT count(*) FROM ins;

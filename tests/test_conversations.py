@@ -215,3 +215,32 @@ async def test_conversations_private_admins_read_aggregates_only(
     async with dl.session(stranger.owner) as db:
         theirs = await db.conversations.org_stats(*window)
     assert me.user_id not in {r.user_id for r in theirs}
+
+
+async def test_seeded_twin_users_see_their_own_data(dl: DataLayer) -> None:
+    """``datalayer seed``: DigiTwin users on free and pro tiers with active models, ready
+    documents whose chunks are searchable, and sessions whose metrics match their turns."""
+    import io
+
+    from datalayer.seed import SeedPlan, seed, user_id
+
+    run_id = uuid.uuid4().hex[:8]
+    counts = await seed(dl, profile="dev", scale=1, out=io.StringIO(), run_id=run_id)
+    assert counts["digitwin"] == 4 * 3 * 6
+    plan = SeedPlan("dev", 1, run_id)
+    tiers = []
+    for i in range(4):
+        ctx = Context(plan.org_ids[i % 3], user_id=user_id(plan, i), role="member")
+        async with dl.session(ctx, readonly=True) as db:
+            usage = await db.models.usage()
+            assert usage is not None and (usage.models, usage.documents) == (2, 3)
+            tiers.append(usage.tier)
+            assert await db.models.active("voice") is not None
+            assert await db.knowledge.search("roadmap OR budget OR hiring")
+            page = await db.conversations.recent()
+            assert len(page.items) == 3
+            s = page.items[0]
+            assert s.status == "ended" and s.turn_count == 6 and s.p95_latency_ms is not None
+            got = await db.conversations.with_turns(s.id, turns=50)
+            assert got is not None and len(got.turns) == 6
+    assert tiers == ["free", "pro", "free", "pro"]

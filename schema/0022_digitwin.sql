@@ -143,37 +143,63 @@ CREATE FUNCTION app.latency_bounds() RETURNS integer[]
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT '{0,25,50,75,100,150,200,250,300,400,500,600,700,800,900,1000,1250,1500,1750,2000,2500,3000,4000,5000,7500,10000,15000,20000,30000,60000}'::integer[] $$;
 
+-- Histogram helpers, in plpgsql loops over 30 buckets: a few microseconds each (the set-based
+-- SQL versions cost far more per turn).
 -- The histogram (one count per bucket of app.latency_bounds()) of a set of latencies.
 CREATE FUNCTION app.latency_hist(p_ms integer[]) RETURNS integer[]
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$
-  SELECT array_agg(coalesce(c.n, 0)::integer ORDER BY b.i)
-  FROM generate_series(1, 30) AS b(i)
-  LEFT JOIN (SELECT width_bucket(greatest(m, 0), app.latency_bounds()) AS i, count(*) AS n
-             FROM unnest(p_ms) AS m GROUP BY 1) c ON c.i = b.i
-$$;
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+DECLARE
+  v_bounds constant integer[] := app.latency_bounds();
+  v_hist integer[] := array_fill(0, ARRAY[30]);
+  v_ms integer;
+  v_b integer;
+BEGIN
+  FOREACH v_ms IN ARRAY coalesce(p_ms, '{}') LOOP
+    CONTINUE WHEN v_ms IS NULL;
+    v_b := width_bucket(greatest(v_ms, 0), v_bounds);
+    v_hist[v_b] := v_hist[v_b] + 1;
+  END LOOP;
+  RETURN v_hist;
+END $$;
 
 CREATE FUNCTION app.hist_add(a integer[], b integer[]) RETURNS integer[]
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$
-  SELECT array_agg(coalesce(x, 0) + coalesce(y, 0) ORDER BY i)
-  FROM unnest(a, b) WITH ORDINALITY AS t(x, y, i)
-$$;
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+DECLARE
+  v_out integer[] := array_fill(0, ARRAY[30]);
+BEGIN
+  FOR i IN 1 .. 30 LOOP
+    v_out[i] := coalesce(a[i], 0) + coalesce(b[i], 0);
+  END LOOP;
+  RETURN v_out;
+END $$;
 
 CREATE AGGREGATE app.hist_sum(integer[]) (SFUNC = app.hist_add, STYPE = integer[]);
 
 -- The 95th percentile estimate of a histogram: the upper bound of the bucket holding it,
 -- capped by the largest value seen; NULL for an empty histogram.
 CREATE FUNCTION app.hist_p95(p_hist integer[], p_max integer) RETURNS integer
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$
-  SELECT least(coalesce((app.latency_bounds())[t.i + 1], p_max), p_max)
-  FROM (SELECT i, sum(x) OVER (ORDER BY i) AS cum, sum(x) OVER () AS total
-        FROM unnest(p_hist) WITH ORDINALITY AS u(x, i)) t
-  WHERE t.total > 0 AND t.cum >= ceil(0.95 * t.total)
-  ORDER BY t.i
-  LIMIT 1
-$$;
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+DECLARE
+  v_bounds constant integer[] := app.latency_bounds();
+  v_total bigint := 0;
+  v_cum bigint := 0;
+  v_rank bigint;
+BEGIN
+  FOR i IN 1 .. coalesce(cardinality(p_hist), 0) LOOP
+    v_total := v_total + coalesce(p_hist[i], 0);
+  END LOOP;
+  IF v_total = 0 THEN
+    RETURN NULL;
+  END IF;
+  v_rank := ceil(0.95 * v_total);
+  FOR i IN 1 .. cardinality(p_hist) LOOP
+    v_cum := v_cum + coalesce(p_hist[i], 0);
+    IF v_cum >= v_rank THEN
+      RETURN least(coalesce(v_bounds[i + 1], p_max), p_max);
+    END IF;
+  END LOOP;
+  RETURN p_max;
+END $$;
 
 CREATE TABLE conversation_sessions (
   org_id            uuid NOT NULL,
@@ -296,10 +322,10 @@ CREATE INDEX knowledge_documents_queue_idx ON knowledge_documents (created_at, i
 --
 -- The search index is on tsv alone. Measured at 100,000 chunks of one user: a GIN index on
 -- (org_id, user_id, tsv) (btree_gin) reads the user's whole posting lists on every search
--- (2.0 ms for a rare term), the tsv-only index reads the term's (0.09 ms), and the user
--- filter is then a cheap recheck; for terms common across many users the planner can AND
--- it with knowledge_chunks_user_idx. Under RLS `@@` is not leakproof and never an index
--- qual, so searches go through app.knowledge_search, which filters on the user explicitly.
+-- (2.0 ms for a rare term), the tsv-only index reads the term's (0.09 ms), and the owner
+-- filter is then a cheap recheck of the matching rows. Under RLS `@@` is not leakproof and
+-- never an index qual, so searches go through app.knowledge_search, which filters on the
+-- user explicitly.
 CREATE TABLE knowledge_chunks (
   org_id        uuid NOT NULL,
   id            bigint GENERATED ALWAYS AS IDENTITY,
@@ -319,8 +345,10 @@ CREATE TABLE knowledge_chunks (
   CONSTRAINT knowledge_chunks_seq_key UNIQUE (org_id, document_id, seq),
   FOREIGN KEY (org_id, document_id) REFERENCES knowledge_documents (org_id, id) ON DELETE CASCADE
 );
-CREATE INDEX knowledge_chunks_search_idx ON knowledge_chunks USING gin (tsv);
-CREATE INDEX knowledge_chunks_user_idx ON knowledge_chunks (org_id, user_id);
+-- fastupdate off: a search never scans a pending list of recent inserts (which costs
+-- milliseconds until a vacuum merges it); chunk writes are batched by workers anyway.
+CREATE INDEX knowledge_chunks_search_idx ON knowledge_chunks USING gin (tsv)
+  WITH (fastupdate = off);
 
 -- Limits -------------------------------------------------------------------------------------
 -- Lock the user's usage row (creating it) and check one limit. p_kind: models | documents |
@@ -511,14 +539,20 @@ RETURNS TABLE (chunk_id bigint, document_id uuid, seq integer, heading text, con
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS $$
 DECLARE
   v_q tsquery := websearch_to_tsquery('english'::regconfig, p_query);
+  v_org text := app.org_id()::text;
+  v_user text := app.user_id()::text;
 BEGIN
   IF p_limit NOT BETWEEN 1 AND 100 THEN
     RAISE EXCEPTION 'search limit must be between 1 and 100'
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
-  IF numnode(v_q) = 0 THEN
+  IF numnode(v_q) = 0 OR v_org IS NULL OR v_user IS NULL THEN
     RETURN;
   END IF;
+  -- The owner filter compares text on purpose: as uuid equalities with values unknown at
+  -- plan time (cached plans), the planner may pick the primary key's org_id prefix or the
+  -- user's rows over the term index and then read every chunk of a large library. As
+  -- expressions no index matches, the plan is always driven by the terms.
   RETURN QUERY
   SELECT top.id, top.document_id, top.seq, top.heading, top.content, top.token_count, top.rank,
          ts_headline('english'::regconfig, top.content, v_q,
@@ -528,7 +562,7 @@ BEGIN
                ts_rank_cd(c.tsv, v_q) AS rank, d.title, d.source, d.mime_type
         FROM knowledge_chunks c
         JOIN knowledge_documents d ON d.org_id = c.org_id AND d.id = c.document_id
-        WHERE c.org_id = app.org_id() AND c.user_id = app.user_id() AND c.tsv @@ v_q
+        WHERE c.tsv @@ v_q AND c.org_id::text = v_org AND c.user_id::text = v_user
           AND d.deleted_at IS NULL
         ORDER BY 7 DESC, c.id
         LIMIT p_limit) top

@@ -93,7 +93,9 @@ async def twin_world(bctx: BenchContext) -> TwinWorld:
         conn = db.connection
         rows = await conn.fetch("SELECT user_id, id, status FROM conversation_sessions "
                                 "WHERE org_id = $1 ORDER BY user_id, started_at", org)
-        await conn.execute("ANALYZE conversation_sessions; ANALYZE conversation_turns")
+    async with bctx.pool.acquire() as raw:  # the tables' owner: datalayer_maint may not
+        await raw.execute("ANALYZE users; ANALYZE memberships; ANALYZE conversation_sessions; "
+                          "ANALYZE conversation_turns")
     by_user: dict[uuid.UUID, list[uuid.UUID]] = {u: [] for u in users}
     open_: dict[uuid.UUID, uuid.UUID] = {}
     for r in rows:

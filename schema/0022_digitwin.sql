@@ -549,23 +549,30 @@ BEGIN
   IF numnode(v_q) = 0 OR v_org IS NULL OR v_user IS NULL THEN
     RETURN;
   END IF;
-  -- The owner filter compares text on purpose: as uuid equalities with values unknown at
-  -- plan time (cached plans), the planner may pick the primary key's org_id prefix or the
-  -- user's rows over the term index and then read every chunk of a large library. As
-  -- expressions no index matches, the plan is always driven by the terms.
+  -- The term index drives the plan whatever the statistics say: the matches are found first
+  -- (a MATERIALIZED CTE: no join order can start from the documents), and the owner filter
+  -- compares text on purpose, since as uuid equalities with values unknown at plan time the
+  -- planner may prefer the primary key's org_id prefix and read a whole library.
   RETURN QUERY
+  WITH hits AS MATERIALIZED (
+    SELECT c.org_id, c.id, c.document_id, c.seq, c.heading, c.content, c.token_count,
+           ts_rank_cd(c.tsv, v_q) AS rank
+    FROM knowledge_chunks c
+    WHERE c.tsv @@ v_q AND c.org_id::text = v_org AND c.user_id::text = v_user
+  ), top AS (
+    SELECT h.id, h.document_id, h.seq, h.heading, h.content, h.token_count, h.rank, d.title,
+           d.source, d.mime_type
+    FROM hits h
+    JOIN knowledge_documents d ON d.org_id = h.org_id AND d.id = h.document_id
+    WHERE d.deleted_at IS NULL
+    ORDER BY h.rank DESC, h.id
+    LIMIT p_limit
+  )
   SELECT top.id, top.document_id, top.seq, top.heading, top.content, top.token_count, top.rank,
          ts_headline('english'::regconfig, top.content, v_q,
                      'MaxFragments=2, MinWords=5, MaxWords=18, StartSel=[, StopSel=]'),
          top.title, top.source, top.mime_type
-  FROM (SELECT c.id, c.document_id, c.seq, c.heading, c.content, c.token_count,
-               ts_rank_cd(c.tsv, v_q) AS rank, d.title, d.source, d.mime_type
-        FROM knowledge_chunks c
-        JOIN knowledge_documents d ON d.org_id = c.org_id AND d.id = c.document_id
-        WHERE c.tsv @@ v_q AND c.org_id::text = v_org AND c.user_id::text = v_user
-          AND d.deleted_at IS NULL
-        ORDER BY 7 DESC, c.id
-        LIMIT p_limit) top
+  FROM top
   ORDER BY top.rank DESC, top.id;
 END $$;
 

@@ -555,24 +555,24 @@ BEGIN
   -- planner may prefer the primary key's org_id prefix and read a whole library.
   RETURN QUERY
   WITH hits AS MATERIALIZED (
-    SELECT c.org_id, c.id, c.document_id, c.seq, c.heading, c.content, c.token_count,
-           ts_rank_cd(c.tsv, v_q) AS rank
+    SELECT c.org_id, c.id, c.document_id, ts_rank_cd(c.tsv, v_q) AS rank
     FROM knowledge_chunks c
     WHERE c.tsv @@ v_q AND c.org_id::text = v_org AND c.user_id::text = v_user
   ), top AS (
-    SELECT h.id, h.document_id, h.seq, h.heading, h.content, h.token_count, h.rank, d.title,
-           d.source, d.mime_type
+    SELECT h.org_id, h.id, h.document_id, h.rank, d.title, d.source, d.mime_type
     FROM hits h
     JOIN knowledge_documents d ON d.org_id = h.org_id AND d.id = h.document_id
     WHERE d.deleted_at IS NULL
     ORDER BY h.rank DESC, h.id
     LIMIT p_limit
   )
-  SELECT top.id, top.document_id, top.seq, top.heading, top.content, top.token_count, top.rank,
-         ts_headline('english'::regconfig, top.content, v_q,
+  -- Text and snippets for the returned rows only.
+  SELECT c.id, c.document_id, c.seq, c.heading, c.content, c.token_count, top.rank,
+         ts_headline('english'::regconfig, c.content, v_q,
                      'MaxFragments=2, MinWords=5, MaxWords=18, StartSel=[, StopSel=]'),
          top.title, top.source, top.mime_type
   FROM top
+  JOIN knowledge_chunks c ON c.org_id = top.org_id AND c.id = top.id
   ORDER BY top.rank DESC, top.id;
 END $$;
 

@@ -43,6 +43,7 @@ async def run_demo(dl: DataLayer, out: TextIO) -> None:
     await _stats_and_health(dl, out)
     await _analytics_search(dl, out)
     await _plugins(dl, out)
+    await _digitwin(dl, out)
 
 
 async def _tenancy(dl: DataLayer, out: TextIO) -> None:
@@ -597,6 +598,8 @@ async def _credentials(dl: DataLayer, out: TextIO) -> None:
 
 async def _audit(dl: DataLayer, out: TextIO) -> None:
     from datalayer.repos.audit import anchor, verify_chain
+async def _digitwin(dl: DataLayer, out: TextIO) -> None:
+    from datalayer.core.errors import LimitExceeded
 
     say = _printer(out)
 
@@ -859,4 +862,86 @@ async def _plugins(dl: DataLayer, out: TextIO) -> None:
             f"secrets encrypted (id {inst.secret_id})")
         history = await db.plugins.deployments(crm.id, "production")
         say(f"deployment records: {[d.action for d in history]}")
+    say("== DigiTwin: voice and face models, knowledge documents, search, a conversation ==")
+    me = Context(uuid.uuid4(), user_id=uuid.uuid4(), role="owner", request_id=f"demo-{run}")
+    async with dl.session(me) as db:
+        await db.orgs.create(slug=f"twin-{run}", name="Twin Labs")
+        await db.users.create(email=f"ada-{run}@twin.example", display_name="Ada")
+        await db.memberships.add(me.user_id, "owner")  # type: ignore[arg-type]
+        profile = await db.models.set_profile(
+            personality_traits=["curious", "direct", "warm"],
+            conversation_preferences={"tone": "casual", "language": "en"})
+        say(f"Ada's twin profile: traits {profile.personality_traits}, "
+            f"tier {profile.subscription_tier}")
+        models = {}
+        for kind, provider in (("voice", "elevenlabs"), ("face", "heygen")):
+            m = await db.models.create(kind, provider=provider, name=f"{kind} v1",
+                                       storage_uri=f"s3://twin-models/{run}/{kind}-v1.bin")
+            await db.models.set_status(m.id, "training")
+            m = await db.models.set_status(m.id, "ready", quality_metrics={"score": 0.91})
+            models[kind] = await db.models.activate(m.id)
+            say(f"{kind} model {m.name!r} ({provider}) is ready and active; the row keeps "
+                f"{m.storage_uri}, never the weights")
+    # Free tier: 2 models. A third one is refused by the database, naming the limit.
+    try:
+        async with dl.session(me) as db:
+            await db.models.create("voice", provider="elevenlabs", name="voice v2",
+                                   storage_uri=f"s3://twin-models/{run}/voice-v2.bin")
+    except LimitExceeded as exc:
+        say(f"a third model on the free tier: {exc.constraint}: {exc.message}")
+    async with dl.session(me) as db:
+        await db.users.update_profile(me.user_id, subscription_tier="pro")  # type: ignore[arg-type]
+        v2 = await db.models.create("voice", provider="elevenlabs", name="voice v2",
+                                    storage_uri=f"s3://twin-models/{run}/voice-v2.bin")
+        await db.models.set_status(v2.id, "training")
+        await db.models.set_status(v2.id, "ready", quality_metrics={"score": 0.95})
+        await db.models.activate(v2.id)
+        active = await db.models.active("voice")
+        old = await db.models.get(models["voice"].id)
+    say(f"upgraded to pro and switched voices: active is now {active.name if active else None!r}"
+        f", {old.name if old else None!r} is inactive ({old.is_active if old else None})")
+    docs = {
+        "Product roadmap": ("The roadmap for spring: ship the voice engine, cut first-answer "
+                            "latency below 800 ms, and open the beta to fifty customers."),
+        "Family recipes": ("Grandma's bread: flour, water, salt and a long, patient rise. "
+                           "Bake hot, then let it rest before slicing."),
+    }
+    async with dl.session(me) as db:
+        for title, text in docs.items():
+            got = await db.knowledge.create(title, content=text)
+            say(f"document {title!r}: {got.document.status}, {got.document.size_bytes} bytes")
+        again = await db.knowledge.create("Roadmap copy", content=docs["Product roadmap"])
+        say(f"the same content again is not stored twice: created={again.created}, "
+            f"returned {again.document.title!r}")
+    async with dl.system() as db:  # a worker, across tenants
+        claimed = await db.knowledge.claim(f"demo-worker-{run}", limit=10, org_id=me.org_id)
+        for d in claimed:
+            sentences = [s.strip() + "." for s in (d.content or "").split(".") if s.strip()]
+            n = await db.knowledge.store_chunks(d.id, f"demo-worker-{run}", sentences,
+                                                org_id=d.org_id)
+            say(f"worker split {d.title!r} into {n} chunks and marked it ready")
+    async with dl.session(me) as db:
+        hits = await db.knowledge.search("voice latency roadmap", limit=3)
+        for h in hits:
+            say(f"search hit in {h.title!r} (rank {h.rank:.3f}): {h.snippet}")
+        conv = await db.conversations.start(channel="voice", title="Planning chat")
+        await db.conversations.append_turn(
+            conv.id, input_text="What is on the spring roadmap?",
+            response_text="Shipping the voice engine and getting latency under 800 ms.",
+            asr_ms=140, retrieval_ms=22, llm_ms=610, tts_ms=190, tokens_in=31, tokens_out=48,
+            source_chunk_ids=[h.chunk_id for h in hits if h.chunk_id is not None])
+        await db.conversations.append_turn(
+            conv.id, input_text="And who gets the beta?",
+            response_text="Fifty customers, when the beta opens.", asr_ms=120,
+            retrieval_ms=18, llm_ms=420, tts_ms=150, tokens_in=22, tokens_out=19,
+            source_chunk_ids=[hits[0].chunk_id] if hits and hits[0].chunk_id else [])
+        view = await db.conversations.with_turns(conv.id, turns=50)
+    if view is not None:
+        s = view.session
+        say(f"session {s.title!r} ({s.channel}, voice model {s.voice_model_id == v2.id and 'v2'})"
+            f": {s.turn_count} turns, avg {s.avg_latency_ms:.0f} ms, p95 {s.p95_latency_ms} ms, "
+            f"{s.tokens_in}/{s.tokens_out} tokens")
+        for t in view.turns:
+            say(f"  turn: {t.input_text!r} -> {t.response_text!r} "
+                f"(total {t.total_ms} ms, cites chunks {t.source_chunk_ids})")
     say()

@@ -35,6 +35,7 @@ __all__ = [
     "Progress",
     "SeedPlan",
     "seed",
+    "seed_digitwin",
     "seed_executions",
     "seed_orgs",
     "seed_users",
@@ -53,7 +54,14 @@ ROWS_PER_SCALE: dict[str, dict[str, int]] = {
     "users": {"dev": 15, "bench": 5_000},  # spread over the organizations
     "workflows": {"dev": 12, "bench": 1_000},  # round robin over the organizations
     "executions": {"dev": 30, "bench": 10_000},  # over the workflows; 0-5 nodes each
+    # DigiTwin users (the first seeded users; every other one on pro), each with a voice and
+    # a face model, DIGITWIN_DOCS documents and DIGITWIN_SESSIONS sessions.
+    "digitwin": {"dev": 4, "bench": 50},
 }
+# Per DigiTwin user, by profile: (documents, chunks per document, sessions, turns per
+# session). Within the free tier's limits (10 documents, 500 turns a month).
+DIGITWIN_SHAPE: dict[str, tuple[int, int, int, int]] = {
+    "dev": (3, 5, 3, 6), "bench": (8, 25, 10, 20)}
 _RUN_ID = re.compile(r"[a-z0-9]{1,16}")
 _NAMESPACE = uuid.UUID("5b1e6f0c-3c2d-4f6e-9a51-6a0d1c2b7e90")  # seed ids: uuid5(this, …)
 
@@ -337,12 +345,46 @@ async def seed_executions(db: Session, plan: SeedPlan, progress: Progress) -> in
     return loaded
 
 
+_TWIN_WORDS = (
+    "roadmap", "budget", "hiring", "latency", "voice", "avatar", "customer", "revenue",
+    "pricing", "launch", "privacy", "security", "travel", "family", "garden", "recipe",
+    "marathon", "guitar", "python", "postgres", "meeting", "contract", "invoice", "quarter",
+    "strategy", "design", "research", "feedback", "onboarding", "support", "partner", "market",
+    "the", "and", "with", "for", "about", "our", "team", "plan", "notes", "ideas")
+
+
+async def seed_digitwin(db: Session, plan: SeedPlan, progress: Progress) -> int:
+    """DigiTwin data for the first seeded users (free and pro, alternating): a ready,
+    active voice and face model each, ready documents with generated chunks, and ended
+    conversation sessions with turns over the last three weeks; all generated server-side
+    (generate_series), a batch of users per statement. Returns the turns created."""
+    n = min(plan.rows("digitwin"), plan.rows("users"))
+    docs, chunks, sessions, turns = DIGITWIN_SHAPE[plan.profile]
+    orgs = plan.org_ids
+    await db.many("partitions.ensure", months_ahead=1, months_back=1)
+    progress.start("digitwin", n)
+    created = 0
+    for chunk in batches(n, 200):
+        users = [user_id(plan, i) for i in chunk]
+        pair = {"org_ids": [orgs[i % len(orgs)] for i in chunk], "user_ids": users}
+        await db.scalar("models.seed", pro_user_ids=users[1::2], **pair)
+        await db.scalar("knowledge.seed_documents", per_user=docs, chunks=chunks,
+                        vocabulary=list(_TWIN_WORDS), **pair)
+        await db.scalar("conversations.seed_sessions", per_user=sessions, days=20, **pair)
+        created += await db.scalar("conversations.seed_turns", per_session=turns, **pair)
+        await db.execrows("conversations.seed_close", **pair)
+        progress.advance(len(users))
+    progress.finish()
+    return int(created)
+
+
 # (domain, generator) in dependency order; later domains append theirs.
 GENERATORS: tuple[tuple[str, Generator], ...] = (
     ("orgs", seed_orgs),
     ("users", seed_users),
     ("workflows", seed_workflows),
     ("executions", seed_executions),  # after workflows: runs of the seeded workflows
+    ("digitwin", seed_digitwin),  # after users: models, documents, conversations of users
 )
 
 

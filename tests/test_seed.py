@@ -20,7 +20,8 @@ async def test_dev_scale_one_seeds_visible_organizations(dl: DataLayer) -> None:
     counts = await seed(dl, profile="dev", scale=1, out=out, run_id=run_id)
 
     plan = SeedPlan("dev", 1, run_id)
-    assert counts == {"orgs": 3, "users": 15, "workflows": 12, "executions": 30}
+    assert counts == {"orgs": 3, "users": 15, "workflows": 12, "executions": 30,
+                                  "digitwin": 72}
     assert len(plan.org_ids) == 3
     assert f"run {run_id}" in out.getvalue()
     async with dl.system() as db:
@@ -42,7 +43,8 @@ async def test_dev_scale_one_seeds_visible_organizations(dl: DataLayer) -> None:
 async def test_seeding_twice_does_not_collide(dl: DataLayer) -> None:
     first = await seed(dl, profile="dev", scale=1, out=io.StringIO())
     second = await seed(dl, profile="dev", scale=1, out=io.StringIO())
-    assert first == second == {"orgs": 3, "users": 15, "workflows": 12, "executions": 30}
+    assert first == second == {"orgs": 3, "users": 15, "workflows": 12, "executions": 30,
+                                  "digitwin": 72}
 
 
 @pytest.mark.parametrize(

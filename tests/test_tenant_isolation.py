@@ -80,6 +80,8 @@ DEFINER_ONLY_TABLES: dict[str, str] = {
                    "through the SECURITY DEFINER login-path functions",
     "audit_heads": "audit hash-chain heads and retention checkpoints (app schema); reached "
                    "only through the SECURITY DEFINER audit triggers and functions",
+    "twin_usage": "DigiTwin limit counters (the row every limit check locks); written only by "
+                  "the SECURITY DEFINER limit triggers, read through app.twin_usage()",
 }
 
 # Tables datalayer_app reaches that have no org_id: global by design. The value selects the
@@ -556,6 +558,22 @@ async def make_tenant(dl: DataLayer, tag: str) -> Tenant:
         await db.plugins.ingest_usage([UsageEvent(plug.id, "invocation", 5.0)])
         await db.marketplace.create_listing(f"{tag} listing {h}", plugin_id=plug.id,
                                             price="9.99", status="draft")
+        # DigiTwin: a model, a processed document with chunks, a session with a turn.
+        await db.models.set_profile(personality_traits=[f"{tag}-trait-{h}"])
+        model = await db.models.create("voice", provider=f"{tag}-prov",
+                                       storage_uri=f"s3://{tag}/{h}.bin")
+        await db.models.set_status(model.id, "training")
+        await db.models.set_status(model.id, "ready")
+        await db.models.activate(model.id)
+        doc = await db.knowledge.create(f"{tag} doc {h}", content=f"{tag} knowledge {h}")
+        await db.knowledge.claim(f"{tag}-worker")
+        await db.knowledge.store_chunks(doc.document.id, f"{tag}-worker",
+                                        [f"{tag} chunk {h}", f"{tag} more {h}"])
+        chunk = (await db.knowledge.chunks(doc.document.id))[0]
+        conv = await db.conversations.start(title=f"{tag} chat {h}")
+        await db.conversations.append_turn(conv.id, input_text=f"{tag} asks {h}",
+                                           response_text=f"{tag} answer {h}", total_ms=42,
+                                           source_chunk_ids=[chunk.id])
     return Tenant(tag, org_id, owner_id, viewer_id, guest_id, email)
 
 

@@ -19,6 +19,7 @@ __all__ = [
     "Conflict",
     "DataLayerError",
     "Deadlock",
+    "LimitExceeded",
     "MigrationError",
     "NotFound",
     "PermissionDenied",
@@ -88,6 +89,11 @@ class RateLimited(DataLayerError):
         self.retry_after = retry_after
 
 
+class LimitExceeded(DataLayerError):
+    """A subscription limit refused the write (SQLSTATE DLQ01, raised by our triggers);
+    ``constraint`` names the limit (``twin_limit_models``, …)."""
+
+
 class Timeout(DataLayerError):
     """A statement, lock or pool acquire took longer than its configured limit."""
 
@@ -135,6 +141,7 @@ _EXACT: dict[str, tuple[type[DataLayerError], str]] = {
     "2201X": (ValidationError, "a row count or offset is invalid"),
     "2201W": (ValidationError, "a limit is invalid"),
     "P0001": (ValidationError, "a database rule refused the change"),
+    "DLQ01": (LimitExceeded, "a subscription limit was reached"),
     "42501": (PermissionDenied, "the current context may not do this"),
     "25006": (PermissionDenied, "the session is read-only; open a read-write session to write"),
     "57014": (Timeout, "the statement was cancelled (statement timeout or cancel request)"),

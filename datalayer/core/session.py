@@ -44,12 +44,16 @@ from datalayer.repos.analytics import Analytics
 from datalayer.repos.api_keys import ApiKeys
 from datalayer.repos.audit import Audit
 from datalayer.repos.auth import Auth
+from datalayer.repos.conversations import Conversations
 from datalayer.repos.credentials import Credentials
 from datalayer.repos.executions import Executions
 from datalayer.repos.gdpr import Gdpr
 from datalayer.repos.marketplace import Marketplace
 from datalayer.repos.memberships import Memberships
 from datalayer.repos.metrics import Metrics
+from datalayer.repos.knowledge import Knowledge
+from datalayer.repos.memberships import Memberships
+from datalayer.repos.models import Models
 from datalayer.repos.notifications import Notifications
 from datalayer.repos.orgs import Organizations
 from datalayer.repos.permissions import Permissions
@@ -407,6 +411,16 @@ class Session:
     @property
     def marketplace(self) -> Marketplace:
         return self._repo(Marketplace)
+    def models(self) -> Models:
+        return self._repo(Models)
+
+    @property
+    def conversations(self) -> Conversations:
+        return self._repo(Conversations)
+
+    @property
+    def knowledge(self) -> Knowledge:
+        return self._repo(Knowledge)
 
 
 _SHAPE_CALL: dict[Shape, Any] = {

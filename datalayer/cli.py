@@ -298,6 +298,9 @@ async def _audit(args: argparse.Namespace) -> int:
             print(f"  {e.at.isoformat()}  {e.risk:8} {e.action:28} {e.result:8} "
                   f"actor={e.actor_user_id} subject={e.subject_user_id} "
                   f"{e.resource_type or ''}:{e.resource_id or ''}")
+    return 0
+
+
 # -- gdpr -------------------------------------------------------------------------------------
 async def _gdpr(args: argparse.Namespace) -> int:
     import uuid
@@ -336,6 +339,9 @@ async def _gdpr(args: argparse.Namespace) -> int:
                 _json({"user_id": e.user_id, "pseudonym": e.pseudonym,
                        "organization": e.organization, "affected": e.affected,
                        "profile_erased": e.profile_erased, "audit_redacted": e.audit_redacted})
+    return 0
+
+
 # -- stats & maintain -------------------------------------------------------------------------
 async def _stats(args: argparse.Namespace) -> int:
     from datalayer.stats import format_stats
@@ -451,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--framework", choices=["GDPR", "SOX", "HIPAA"], default=None,
                    help="report: only events that matter to this framework")
     a.add_argument("--json", action="store_true")
+
     g = add("gdpr", _async(_gdpr),
             "GDPR subject requests: 'export' prints everything stored about a user as JSON; "
             "'erase' erases or anonymizes it (with --org/--as: as that organization member, "
@@ -461,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--as", dest="as_user", default=None,
                    help="the requester's user id (an owner or admin of --org, or the subject)")
     g.add_argument("--yes", action="store_true", help="erase: confirm")
+
     st = add("stats", _async(_stats),
              "this process's query figures next to pg_stat_statements, and recommendations "
              "from the catalog (scans, indexes, dead rows, cache hit ratio, query plans)")

@@ -40,10 +40,10 @@ async def run_demo(dl: DataLayer, out: TextIO) -> None:
     await _notifications(dl, out)
     await _audit(dl, out)
     await _gdpr(dl, out)
-    await _stats_and_health(dl, out)
     await _analytics_search(dl, out)
     await _plugins(dl, out)
     await _digitwin(dl, out)
+    await _stats_and_health(dl, out)
 
 
 async def _tenancy(dl: DataLayer, out: TextIO) -> None:
@@ -598,8 +598,6 @@ async def _credentials(dl: DataLayer, out: TextIO) -> None:
 
 async def _audit(dl: DataLayer, out: TextIO) -> None:
     from datalayer.repos.audit import anchor, verify_chain
-async def _digitwin(dl: DataLayer, out: TextIO) -> None:
-    from datalayer.core.errors import LimitExceeded
 
     say = _printer(out)
 
@@ -637,6 +635,9 @@ async def _digitwin(dl: DataLayer, out: TextIO) -> None:
     say("the maintenance role quietly rewrites that change row's 'after' ...")
     report = await verify_chain(dl, org_id, saved=saved)
     say(f"verify_chain: ok={report.ok}: {report.problems}")
+    say()
+
+
 async def _gdpr(dl: DataLayer, out: TextIO) -> None:
     say = _printer(out)
 
@@ -683,6 +684,8 @@ async def _gdpr(dl: DataLayer, out: TextIO) -> None:
             dana_email)
     say(f"rows still holding Dana's email or name: {left}")
     say()
+
+
 async def _stats_and_health(dl: DataLayer, out: TextIO) -> None:
     say = _printer(out)
 
@@ -713,6 +716,8 @@ async def _stats_and_health(dl: DataLayer, out: TextIO) -> None:
         f"/{report['pool'].get('size')}, oldest transaction "
         f"{report.get('transactions', {}).get('oldest_s')} s, replicas "
         f"{report.get('replication', {}).get('replicas')}")
+
+
 async def _analytics_search(dl: DataLayer, out: TextIO) -> None:
     from datetime import UTC, datetime, timedelta
 
@@ -770,6 +775,9 @@ async def _analytics_search(dl: DataLayer, out: TextIO) -> None:
                                     start=now - timedelta(minutes=5))
     say(f"system metric demo.search_ms over 5 minutes at {s.resolution!r}: "
         f"{sum(b.count for b in s.buckets)} points in {len(s.buckets)} buckets")
+    say()
+
+
 async def _plugins(dl: DataLayer, out: TextIO) -> None:
     from datetime import timedelta
 
@@ -862,6 +870,15 @@ async def _plugins(dl: DataLayer, out: TextIO) -> None:
             f"secrets encrypted (id {inst.secret_id})")
         history = await db.plugins.deployments(crm.id, "production")
         say(f"deployment records: {[d.action for d in history]}")
+    say()
+
+
+async def _digitwin(dl: DataLayer, out: TextIO) -> None:
+    from datalayer.core.errors import LimitExceeded
+
+    say = _printer(out)
+
+    run = uuid.uuid4().hex[:6]
     say("== DigiTwin: voice and face models, knowledge documents, search, a conversation ==")
     me = Context(uuid.uuid4(), user_id=uuid.uuid4(), role="owner", request_id=f"demo-{run}")
     async with dl.session(me) as db:

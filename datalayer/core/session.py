@@ -48,17 +48,16 @@ from datalayer.repos.conversations import Conversations
 from datalayer.repos.credentials import Credentials
 from datalayer.repos.executions import Executions
 from datalayer.repos.gdpr import Gdpr
+from datalayer.repos.knowledge import Knowledge
 from datalayer.repos.marketplace import Marketplace
 from datalayer.repos.memberships import Memberships
 from datalayer.repos.metrics import Metrics
-from datalayer.repos.knowledge import Knowledge
-from datalayer.repos.memberships import Memberships
 from datalayer.repos.models import Models
 from datalayer.repos.notifications import Notifications
 from datalayer.repos.orgs import Organizations
 from datalayer.repos.permissions import Permissions
-from datalayer.repos.search import Search
 from datalayer.repos.plugins import Plugins
+from datalayer.repos.search import Search
 from datalayer.repos.teams import Teams
 from datalayer.repos.users import Users
 from datalayer.repos.webhooks import Webhooks
@@ -393,8 +392,12 @@ class Session:
     @property
     def audit(self) -> Audit:
         return self._repo(Audit)
+
+    @property
     def gdpr(self) -> Gdpr:
         return self._repo(Gdpr)
+
+    @property
     def analytics(self) -> Analytics:
         return self._repo(Analytics)
 
@@ -405,12 +408,16 @@ class Session:
     @property
     def metrics(self) -> Metrics:
         return self._repo(Metrics)
+
+    @property
     def plugins(self) -> Plugins:
         return self._repo(Plugins)
 
     @property
     def marketplace(self) -> Marketplace:
         return self._repo(Marketplace)
+
+    @property
     def models(self) -> Models:
         return self._repo(Models)
 

@@ -684,3 +684,30 @@ async def test_erasure_signs_out_redis_web_sessions(
         async with layer.system() as db:
             assert (await db.gdpr.erase(uid(subject))).profile_erased
         assert await layer.web_sessions.get(new.token) is None
+
+
+async def test_concurrent_consent_records_keep_one_current_state(
+    dl: DataLayer, make_tenant: TenantFactory, add_member: MemberFactory,
+    admin_conn: asyncpg.Connection,
+) -> None:
+    import asyncio
+
+    t = await make_tenant("Race")
+    member = await add_member(t, "member")
+
+    async def record(i: int) -> None:
+        async with dl.session(member) as db:
+            await db.gdpr.record_consent("marketing", granted=i % 2 == 0,
+                                         notice_version=f"v{i}")
+
+    await asyncio.gather(*(record(i) for i in range(12)))
+    async with dl.session(member, readonly=True) as db:
+        state = (await db.gdpr.consents())["marketing"]
+        history = await db.gdpr.consent_history()
+    assert len(history) == 12  # nothing lost
+    latest = await admin_conn.fetchrow(
+        "SELECT id, granted FROM consents WHERE org_id = $1 AND user_id = $2 "
+        "ORDER BY at DESC, id DESC LIMIT 1", t.org_id, uid(member))
+    assert latest is not None
+    assert (state.id, state.granted) == (latest["id"], latest["granted"]) == (
+        history[0].id, history[0].granted)

@@ -244,3 +244,75 @@ async def test_seeded_twin_users_see_their_own_data(dl: DataLayer) -> None:
             got = await db.conversations.with_turns(s.id, turns=50)
             assert got is not None and len(got.turns) == 6
     assert tiers == ["free", "pro", "free", "pro"]
+
+
+async def test_metrics_and_meters_are_not_writable_by_the_app_role(
+    dl: DataLayer, tenant: Tenant, add_member: MemberFactory,
+) -> None:
+    """Session metrics and the usage meter belong to the triggers: the run-time role cannot
+    set them, read the meter table, call the limit function, or file a turn as someone else."""
+    other = await add_member(tenant, "member")
+    async with dl.session(tenant.owner) as db:
+        s = await db.conversations.start()
+    for sql, args in (
+        ("UPDATE conversation_sessions SET turn_count = 0 WHERE id = $1", (s.id,)),
+        ("SELECT count(*) FROM twin_usage", ()),
+        ("UPDATE twin_usage SET month_turns = 0", ()),
+        ("SELECT app.twin_check_limit(app.org_id(), app.user_id(), 'turns', -100)", ()),
+        ("SELECT * FROM twin_tier_limits", ()),
+        ("INSERT INTO conversation_turns (org_id, session_id, user_id, input_text, "
+         "response_text, total_ms) VALUES (app.org_id(), $1, $2, 'q', 'a', 1)",
+         (s.id, other.user_id)),
+    ):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            async with dl.session(tenant.owner) as db:
+                await db.connection.execute(sql, *args)
+    async with dl.session(tenant.owner) as db:
+        got = await db.conversations.get(s.id)
+    assert got is not None and got.turn_count == 0
+
+
+def test_histogram_p95_is_the_bucket_bound_capped_by_the_maximum() -> None:
+    """The SQL histogram against an exact percentile: the estimate is never below the exact
+    value and at most the next bucket bound."""
+    import random
+
+    bounds = [0, 25, 50, 75, 100, 150, 200, 250, 300, 400, 500, 600, 700, 800, 900, 1000,
+              1250, 1500, 1750, 2000, 2500, 3000, 4000, 5000, 7500, 10000, 15000, 20000,
+              30000, 60000]
+
+    def estimate(values: list[int]) -> int:
+        hist = [0] * 30
+        for v in values:
+            hist[max(i for i, b in enumerate(bounds) if v >= b)] += 1
+        rank, cum = -(-95 * len(values) // 100), 0
+        for i, n in enumerate(hist):
+            cum += n
+            if cum >= rank:
+                return min(bounds[i + 1] if i + 1 < 30 else max(values), max(values))
+        return max(values)
+
+    rng = random.Random(5)
+    for _ in range(200):
+        values = [int(rng.lognormvariate(6, 1)) for _ in range(rng.randint(1, 300))]
+        exact = sorted(values)[-(-95 * len(values) // 100) - 1]
+        est = estimate(values)
+        nxt = next((b for b in bounds if b > exact), max(values))
+        assert exact <= est <= max(nxt, exact)
+
+
+async def test_sql_histogram_matches_the_model(admin_conn: asyncpg.Connection) -> None:
+    values = [5, 30, 30, 120, 480, 480, 999, 1000, 4100, 70000]
+    hist = await admin_conn.fetchval("SELECT app.latency_hist($1::int[])", values)
+    assert sum(hist) == len(values) and len(hist) == 30
+    assert (hist[0], hist[1], hist[4], hist[9], hist[14], hist[15], hist[22], hist[29]) == (
+        1, 2, 1, 2, 1, 1, 1, 1)
+    assert await admin_conn.fetchval("SELECT app.hist_p95($1::int[], 70000)", hist) == 70000
+    assert await admin_conn.fetchval("SELECT app.hist_p95(app.latency_hist('{100,100,100}'),"
+                                     " 100)") == 100
+    assert await admin_conn.fetchval("SELECT app.hist_p95(array_fill(0, ARRAY[30]), NULL)") \
+        is None
+    merged = await admin_conn.fetchval(
+        "SELECT app.hist_sum(h) FROM (VALUES (app.latency_hist('{10}')), "
+        "(app.latency_hist('{10,20000}'))) v(h)")
+    assert merged[0] == 2 and merged[27] == 1

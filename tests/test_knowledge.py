@@ -251,3 +251,21 @@ async def test_documents_are_private_to_their_user(
         assert (await db.knowledge.create("Diary", content="diary")).created
     async with dl.session(me) as db:
         assert len(await db.knowledge.search("zebra")) == 1
+
+
+async def test_reap_documents_job_returns_counts(
+    dl: DataLayer, tenant: Tenant, admin_conn: asyncpg.Connection,
+) -> None:
+    from datalayer.repos.knowledge import reap_documents
+
+    async with dl.session(tenant.owner) as db:
+        doc = (await db.knowledge.create("Reap", content="reap me")).document
+        await db.knowledge.claim("gone", lease_s=30)
+    await admin_conn.execute("UPDATE knowledge_documents SET lease_expires_at = now() - "
+                             "interval '1 second' WHERE org_id = $1 AND id = $2",
+                             tenant.org_id, doc.id)
+    counts = await reap_documents(dl)
+    assert counts["pending"] >= 1 and set(counts) == {"pending", "failed"}
+    async with dl.session(tenant.owner) as db:
+        back = await db.knowledge.get(doc.id)
+    assert back is not None and back.status == "pending" and back.attempts == 1

@@ -31,6 +31,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import asyncpg
 
 from datalayer.core.errors import DataLayerError, Unavailable, ValidationError
+from datalayer.repos.audit import audit_retention
+from datalayer.repos.knowledge import reap_documents
+from datalayer.repos.plugins import plugin_quality_refresh, plugin_usage_rollup
 
 if TYPE_CHECKING:
     from datalayer.core.database import DataLayer
@@ -214,6 +217,14 @@ JOBS: tuple[Job, ...] = (
     Job("web_sessions.sweep", sweep_web_sessions, "delete expired web sessions"),
     Job("cache.cleanup", clean_postgres_cache, "expired PostgreSQL cache rows, old stats"),
     Job("query_performance.prune", prune_query_samples, "delete old slow-query samples"),
+    Job("audit.retention", audit_retention,
+        "remove audit rows every applicable retention policy lets go (not under legal hold)"),
+    Job("knowledge.reap", reap_documents,
+        "requeue knowledge documents of dead workers (fail them after 5 attempts)"),
+    Job("plugins.usage_rollup", plugin_usage_rollup,
+        "recompute the last two UTC days of per-plugin, per-organization usage roll-ups"),
+    Job("plugins.quality", plugin_quality_refresh,
+        "refresh every approved plugin version's quality score"),
 )
 
 

@@ -688,6 +688,7 @@ DECLARE
   v_emails text[];
   v_n bigint;
   v_m bigint;
+  v_n2 bigint;
 BEGIN
   IF p_org IS NULL OR p_user_id IS NULL THEN
     RAISE EXCEPTION 'redaction needs an organization and a user'
@@ -714,6 +715,26 @@ BEGIN
          OR EXISTS (SELECT 1 FROM unnest(v_emails) e
                     WHERE strpos(lower(d.personal::text), e) > 0));
   GET DIAGNOSTICS v_m = ROW_COUNT;
+  -- Rows about the subject whose key does not name them (a model, a document: the user id is
+  -- a column): the GDPR registry (schema/0016_gdpr.sql, when present) says which column
+  -- points at the subject; every change row of a row that ever held the subject there goes.
+  IF to_regclass('app.personal_data') IS NOT NULL THEN
+    EXECUTE $sql$
+      WITH about AS (
+        SELECT DISTINCT d.table_name, d.row_pk
+        FROM data_changes d
+        JOIN app.personal_data p ON p.table_name = d.table_name AND p.match = 'id'
+        WHERE d.org_id = ANY ($1)
+          AND $2::text IN (d.after ->> p.subject_column, d.before ->> p.subject_column,
+                           d.row_pk ->> p.subject_column))
+      UPDATE data_changes d SET personal = NULL, pii_salt = NULL, redacted_at = now()
+      FROM about a
+      WHERE d.org_id = ANY ($1) AND d.redacted_at IS NULL AND d.personal IS NOT NULL
+        AND d.table_name = a.table_name AND d.row_pk = a.row_pk $sql$
+      USING v_orgs, p_user_id;
+    GET DIAGNOSTICS v_n2 = ROW_COUNT;
+    v_m := v_m + v_n2;
+  END IF;
   PERFORM set_config('app.audit_bypass', '', true);
   RETURN v_n + v_m;
 END $$;

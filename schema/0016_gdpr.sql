@@ -1,4 +1,4 @@
--- depends: 0014_notifications
+-- depends: 0015_audit
 -- GDPR: consent records, the personal-data registry that drives subject export and
 -- erasure, and masking of other users' personal fields for roles below admin.
 --

@@ -1,4 +1,4 @@
--- depends: 0014_notifications
+-- depends: 0016_gdpr
 -- Operator tables: slow-query samples and the last run of each maintenance job.
 --
 -- Both are maintenance-role only (datalayer_maint, through dl.system(); the default

@@ -1,4 +1,4 @@
--- depends: 0014_notifications
+-- depends: 0017_query_performance
 -- Workflow analytics: daily roll-ups per workflow, kept incrementally as executions finish,
 -- an organization-level materialized view refreshed CONCURRENTLY by a maintenance job, and
 -- the functions the run-time role reads them through.

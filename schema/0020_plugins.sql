@@ -1,4 +1,4 @@
--- depends: 0014_notifications
+-- depends: 0019_search
 -- Plugins: a catalog of versioned plugins, their dependencies, per-organization governance
 -- (approval stages, policies, exemptions), vulnerability advisories, installations per
 -- environment with a deployment history, and usage analytics.

@@ -1,4 +1,4 @@
--- depends: 0014_notifications
+-- depends: 0021_marketplace
 -- DigiTwin: a user's personal AI models (voice, face), conversations with the twin, and the
 -- knowledge documents it answers from.
 --

@@ -89,7 +89,8 @@ class ApiKeys(Repository):
         assert key is not None
         await self._db.audit.record("api_key.created", subject_user_id=key.user_id,
                                     resource_type="api_key", resource_id=key.id,
-                                    details={"name": key.name, "scopes": key.scopes})
+                                    details={"scopes": key.scopes},
+                                    personal={"name": key.name})  # names often name people
         return IssuedKey(key, secret)
 
     async def verify(self, secret: str) -> VerifiedKey | None:

@@ -906,8 +906,9 @@ async def _digitwin(dl: DataLayer, out: TextIO) -> None:
                                    storage_uri=f"s3://twin-models/{run}/voice-v2.bin")
     except LimitExceeded as exc:
         say(f"a third model on the free tier: {exc.constraint}: {exc.message}")
-    async with dl.session(me) as db:
+    async with dl.system() as db:  # billing upgrades the user: the tier is not theirs to set
         await db.users.update_profile(me.user_id, subscription_tier="pro")  # type: ignore[arg-type]
+    async with dl.session(me) as db:
         v2 = await db.models.create("voice", provider="elevenlabs", name="voice v2",
                                     storage_uri=f"s3://twin-models/{run}/voice-v2.bin")
         await db.models.set_status(v2.id, "training")

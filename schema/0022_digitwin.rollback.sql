@@ -20,4 +20,6 @@ DROP FUNCTION app.hist_p95(integer[], integer);
 DROP FUNCTION app.hist_add(integer[], integer[]);
 DROP FUNCTION app.latency_hist(integer[]);
 DROP FUNCTION app.latency_bounds();
+DROP TRIGGER users_tier_guard ON users;
+DROP FUNCTION app.users_tier_guard();
 ALTER TABLE users DROP COLUMN conversation_preferences, DROP COLUMN personality_traits;

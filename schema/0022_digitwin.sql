@@ -45,6 +45,23 @@ INSERT INTO twin_tier_limits (tier, max_models, max_documents, max_monthly_turns
 
 -- Per user: the row every limit check locks, and the monthly turn meter. Written only by
 -- the SECURITY DEFINER triggers below; datalayer_app holds no privilege on it.
+-- The tier is billing's to set (dl.system()), not the user's: without this a user could
+-- raise their own limits, since the run-time role may update their profile.
+CREATE FUNCTION app.users_tier_guard() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, public, pg_temp AS $$
+BEGIN
+  IF current_user = 'datalayer_app'
+     AND ((TG_OP = 'INSERT' AND NEW.subscription_tier <> 'free')
+          OR (TG_OP = 'UPDATE' AND NEW.subscription_tier IS DISTINCT FROM OLD.subscription_tier))
+  THEN
+    RAISE EXCEPTION 'the subscription tier is set by billing (dl.system()), not by the user'
+      USING ERRCODE = 'insufficient_privilege';
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER users_tier_guard BEFORE INSERT OR UPDATE OF subscription_tier ON users
+  FOR EACH ROW EXECUTE FUNCTION app.users_tier_guard();
+
 CREATE TABLE twin_usage (
   org_id       uuid NOT NULL,
   user_id      uuid NOT NULL,

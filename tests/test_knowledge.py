@@ -23,7 +23,7 @@ async def tenant(make_tenant: TenantFactory) -> Tenant:
 
 
 async def pro(dl: DataLayer, ctx: Context) -> Context:
-    async with dl.session(ctx) as db:
+    async with dl.system() as db:  # billing sets the tier, not the user
         assert ctx.user_id is not None
         await db.users.update_profile(ctx.user_id, subscription_tier="pro")
     return ctx

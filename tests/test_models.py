@@ -28,7 +28,7 @@ async def tenant(make_tenant: TenantFactory) -> Tenant:
 
 
 async def tiered(dl: DataLayer, ctx: Context, tier: str) -> Context:
-    async with dl.session(ctx) as db:
+    async with dl.system() as db:  # billing sets the tier, not the user
         assert ctx.user_id is not None
         await db.users.update_profile(ctx.user_id, subscription_tier=tier)
     return ctx
@@ -208,3 +208,25 @@ async def test_models_are_private_to_their_user(
     async with dl.session(me) as db:
         m = await db.models.get(mine.id)
     assert m is not None and m.deleted_at is None
+
+
+async def test_a_user_cannot_raise_their_own_tier(dl: DataLayer, tenant: Tenant) -> None:
+    """Limits come from the tier, so the tier is billing's (dl.system()) to change: a user
+    who updates their own profile, or signs up, with a higher tier is refused."""
+    ctx = tenant.owner
+    assert ctx.user_id is not None
+    with pytest.raises(PermissionDenied, match="subscription tier is set by billing"):
+        async with dl.session(ctx) as db:
+            await db.users.update_profile(ctx.user_id, subscription_tier="enterprise")
+    signup = uuid.uuid4()
+    with pytest.raises(PermissionDenied, match="subscription tier is set by billing"):
+        async with dl.session(Context(None, user_id=signup)) as db:
+            await db.users.create(email=f"{signup.hex}@example.test", display_name="S",
+                                  subscription_tier="pro")
+    async with dl.session(ctx) as db:  # the rest of the profile stays the user's
+        me = await db.users.update_profile(ctx.user_id, display_name="Still mine")
+    assert (me.display_name, me.subscription_tier) == ("Still mine", "free")
+    await tiered(dl, ctx, "pro")
+    async with dl.session(ctx, readonly=True) as db:
+        got = await db.users.get(ctx.user_id)
+    assert got is not None and got.subscription_tier == "pro"

@@ -143,7 +143,7 @@ BEGIN
   IF v_org IS NULL OR v_query IS NULL THEN
     RETURN;  -- no tenant context, or no word to search for
   END IF;
-  -- Per kind, at most 200 candidates (in index order, i.e. physical order) are ranked: a
+  -- Per kind, at most 100 candidates (in index order, i.e. physical order) are ranked: a
   -- very broad query (a short prefix matching thousands of rows) is ranked among those; a
   -- more specific one among all its matches. Each kind is one LATERAL pass over its branch of
   -- app.search_documents (the others are gated off), through that table's GIN index.
@@ -158,7 +158,7 @@ BEGIN
         CROSS JOIN LATERAL (SELECT d.kind, d.id, d.title, d.body, d.updated_at, d.doc
                             FROM app.search_documents d
                             WHERE d.kind = k.kind AND d.org_id = v_org AND d.doc @@ v_query
-                            LIMIT 200) c
+                            LIMIT 100) c
         ORDER BY rank DESC, c.id
         LIMIT v_limit) h
   ORDER BY h.rank DESC, h.id;

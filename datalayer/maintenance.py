@@ -31,8 +31,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import asyncpg
 
 from datalayer.core.errors import DataLayerError, Unavailable, ValidationError
+from datalayer.repos.analytics import refresh_analytics, rollup_analytics
 from datalayer.repos.audit import audit_retention
 from datalayer.repos.knowledge import reap_documents
+from datalayer.repos.metrics import metrics_retention, rollup_metrics
 from datalayer.repos.plugins import plugin_quality_refresh, plugin_usage_rollup
 
 if TYPE_CHECKING:
@@ -225,6 +227,14 @@ JOBS: tuple[Job, ...] = (
         "recompute the last two UTC days of per-plugin, per-organization usage roll-ups"),
     Job("plugins.quality", plugin_quality_refresh,
         "refresh every approved plugin version's quality score"),
+    Job("analytics.refresh", refresh_analytics,
+        "refresh the organization analytics views (CONCURRENTLY; as fresh as this job)"),
+    Job("analytics.rollup", rollup_analytics,
+        "rebuild closed days of per-workflow roll-ups from executions (catches up)"),
+    Job("metrics.rollup", rollup_metrics,
+        "system metrics: partitions ahead, roll-ups 1 minute, 1 hour, 1 day"),
+    Job("metrics.retention", metrics_retention,
+        "system metrics: drop partitions past each resolution's retention"),
 )
 
 

@@ -5,7 +5,6 @@ DROP FUNCTION app.search_tsquery(text);
 DROP INDEX IF EXISTS workflows_name_trgm_idx;
 DROP INDEX notifications_search_idx;
 DROP INDEX executions_error_search_idx;
-DROP INDEX IF EXISTS workflows_org_search_idx;
 DROP INDEX workflows_template_search_idx;
 DROP INDEX workflows_search_idx;
 CREATE INDEX workflows_search_idx ON workflows USING gin (search);

@@ -70,10 +70,13 @@ async def test_two_concurrent_runs_run_each_job_once(dl: DataLayer) -> None:
 async def test_a_job_finished_elsewhere_after_this_run_began_is_not_repeated(
     dl: DataLayer,
 ) -> None:
-    """Fast jobs: the second run reaches a job after the first has released its lock."""
+    """The second run reaches a job after the first has released its lock. Each job takes
+    long enough (0.3 s) that every run has begun (opened its lock connection) before any
+    job ends, also on a loaded machine; with instant jobs a run that began late would rightly
+    run them again."""
     runs: list[str] = []
     names = _names()
-    jobs = [_job(n, runs) for n in names]
+    jobs = [_job(n, runs, sleep=0.3) for n in names]
     await asyncio.gather(dl.maintain(jobs), dl.maintain(jobs), dl.maintain(jobs))
     assert sorted(runs) == sorted(names)
     # A later run does them again.

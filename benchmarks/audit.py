@@ -212,7 +212,11 @@ class VerifyState:
 
 async def _verify_setup(bctx: BenchContext) -> VerifyState:
     org = _org(0, "verify")
-    async with bctx.pool.acquire() as conn:
+    # A connection of its own: a pooled one may carry a tenant context from an earlier
+    # scenario, and the chain trigger leaves rows of another organization than the context's
+    # alone (RLS refuses them for the app role; this login role is not under RLS).
+    conn = await asyncpg.connect(bctx.settings.database_url)
+    try:
         have = await conn.fetchval("SELECT count(*) FROM audit_events WHERE org_id = $1", org)
         if have < CHAIN_ROWS:
             # Through the chain trigger (valid hashes), as maintenance importing history.
@@ -222,6 +226,8 @@ async def _verify_setup(bctx: BenchContext) -> VerifyState:
                 "SELECT $1, 'workflow.updated', 'workflow', 'wf-' || (g % 1000), '10.0.0.1', "
                 "'bench', jsonb_build_object('n', g), jsonb_build_object('email', 'x@y.z') "
                 "FROM generate_series(1, $2) g", org, CHAIN_ROWS - have)
+    finally:
+        await conn.close()
     q = bctx.dl.registry["audit.verify_events"]
     return VerifyState(org, q.sql, q.params)
 

@@ -108,7 +108,7 @@ async def test_kinds_templates_execution_errors_and_notifications(dl: DataLayer,
     assert await search(dl, world.a.owner, "budget", kinds=["notification"]) == []
     assert await search(dl, world.other, "budget") == []
     with pytest.raises(ValidationError):
-        await search(dl, world.member, "x", kinds=["audit"])
+        await search(dl, world.member, "x", kinds=["audits"])
     with pytest.raises(ValidationError):
         await search(dl, world.member, "x", limit=0)
 
@@ -300,3 +300,25 @@ async def test_plain_rls_query_cannot_use_the_index(dl: DataLayer, world: World)
     plan = (json.loads(raw) if isinstance(raw, str) else raw)[0]["Plan"]
     conds = " ".join(str(n.get("Index Cond", "")) for n in _nodes(plan))
     assert "@@" not in conds
+
+
+async def test_audit_events_are_a_kind_for_those_who_may_read_the_trail(
+    dl: DataLayer, world: World,
+) -> None:
+    """An audit event is found by its action, resource and details by the roles that may read
+    the audit trail (not viewers), in its own organization only; personal values are never
+    indexed."""
+    tag = uuid.uuid4().hex[:10]
+    async with dl.session(world.a.owner) as db:
+        ev = await db.audit.record("data.export", resource_type="report",
+                                   resource_id=f"ledger-{tag}",
+                                   details={"format": f"csv{tag}"},
+                                   personal={"recipient": f"alice-{tag}@example.test"})
+    hits = await search(dl, world.a.owner, f"ledger-{tag}", kinds=["audit"])
+    assert [(h.kind, h.id) for h in hits] == [("audit", ev.id)]
+    assert "export" in hits[0].snippet
+    assert [h.id for h in await search(dl, world.a.owner, f"csv{tag}")] == [ev.id]
+    assert [h.id for h in await search(dl, world.member, "data export", kinds=["audit"])]
+    assert await search(dl, world.a.ctx("viewer", user_id=uuid.uuid4()), f"csv{tag}") == []
+    assert await search(dl, world.b.owner, f"csv{tag}") == []  # another tenant
+    assert await search(dl, world.a.owner, f"alice-{tag}") == []  # personal: not indexed

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["KINDS", "MAX_LIMIT", "Hit", "Search", "detect_fuzzy"]
 
 # Every searchable kind (one branch each in app.search_documents).
-KINDS = ("workflow", "template", "execution", "notification")
+KINDS = ("workflow", "template", "execution", "notification", "audit")
 MAX_LIMIT = 100
 MAX_TEXT = 200
 

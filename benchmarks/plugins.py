@@ -107,6 +107,10 @@ INSERT INTO plugin_dependencies (org_id, version_id, dep_plugin_id, range)
 SELECT v.org_id, v.id, d.p, d.r
 FROM plugin_versions v, unnest(v.dep_plugin_ids, v.dep_ranges) AS d(p, r)
 WHERE v.org_id = md5('bpluggraph')::uuid;
+UPDATE plugins p SET dep_plugin_ids = ARRAY(
+  SELECT DISTINCT u FROM plugin_versions v, unnest(v.dep_plugin_ids) u
+  WHERE v.org_id = p.org_id AND v.plugin_id = p.id ORDER BY u)
+WHERE p.org_id = md5('bpluggraph')::uuid;
 -- governance of the consumer
 INSERT INTO plugin_policies (org_id, policy, config)
 VALUES (md5('bplugconsumer')::uuid, 'no_critical_vulnerability', '{{}}'),

@@ -129,6 +129,9 @@ CREATE TABLE plugins (
                  CHECK (sla_error_rate BETWEEN 0 AND 1),
   quality_score  double precision,
   latest_version text,
+  -- every plugin any of its versions depends on (kept by a trigger): the graph query's
+  -- recursion walks plugins through this, one row per plugin, not per version
+  dep_plugin_ids uuid[] NOT NULL DEFAULT '{}',
   search         tsvector GENERATED ALWAYS AS (
                    app.plugin_search_vector(name, display_name, summary, description, tags,
                                             categories)) STORED,
@@ -531,6 +534,11 @@ BEGIN
   INSERT INTO plugin_dependencies (org_id, version_id, dep_plugin_id, range)
   SELECT NEW.org_id, NEW.id, d.p, d.r
   FROM unnest(NEW.dep_plugin_ids, NEW.dep_ranges) AS d(p, r);
+  UPDATE plugins p
+  SET dep_plugin_ids = ARRAY(SELECT DISTINCT u FROM unnest(p.dep_plugin_ids || NEW.dep_plugin_ids) u
+                             ORDER BY u)
+  WHERE p.org_id = NEW.org_id AND p.id = NEW.plugin_id
+    AND NOT p.dep_plugin_ids @> NEW.dep_plugin_ids;
   RETURN NULL;
 END $$;
 CREATE TRIGGER plugin_versions_dependencies AFTER INSERT ON plugin_versions
@@ -759,20 +767,23 @@ BEGIN
     UNION
     SELECT d.id
     FROM reach JOIN plugins p ON p.id = reach.id
-    JOIN plugin_versions v ON v.org_id = p.org_id AND v.plugin_id = p.id
-                          AND v.status IN ('approved', 'deprecated')
-    CROSS JOIN LATERAL unnest(v.dep_plugin_ids) AS d(id)
+    CROSS JOIN LATERAL unnest(p.dep_plugin_ids) AS d(id)
     WHERE (p.visibility = 'public' AND p.status IN ('approved', 'deprecated'))
           OR p.org_id = app.org_id()
   )
+  -- LATERAL ... OFFSET 0: a nested loop over the (few) reached plugins by id; the planner
+  -- cannot estimate the recursive CTE and would otherwise sort the whole catalog to merge.
   SELECT p.id, p.name, p.org_id, v.id, v.version, v.vkey::text, v.prerelease,
          v.dep_plugin_ids, v.dep_ranges
-  FROM reach JOIN plugins p ON p.id = reach.id
+  FROM reach
+  CROSS JOIN LATERAL (
+    SELECT x.id, x.name, x.org_id FROM plugins x
+    WHERE x.id = reach.id AND app.org_id() IS NOT NULL
+      AND ((x.visibility = 'public' AND x.status IN ('approved', 'deprecated'))
+           OR x.org_id = app.org_id())
+    OFFSET 0) p
   JOIN plugin_versions v ON v.org_id = p.org_id AND v.plugin_id = p.id
                         AND v.status IN ('approved', 'deprecated')
-  WHERE app.org_id() IS NOT NULL
-    AND ((p.visibility = 'public' AND p.status IN ('approved', 'deprecated'))
-         OR p.org_id = app.org_id())
   ORDER BY p.id, v.vkey DESC;
 END
 $$;

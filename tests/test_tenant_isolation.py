@@ -122,6 +122,12 @@ SELF_SERVICE_WRITES: dict[tuple[str, str], tuple[str, str]] = {
 # another tenant may be read anywhere else; test_public_template_catalog_is_the_only_crossing
 # checks that, and that nobody writes these tables. (The pair's tenants publish nothing,
 # so every other test here sees no crossing at all.)
+# Not here by design: the plugin catalog and the marketplace (schema/0020, 0021). Their
+# tables are tenant-only; public, listed plugins and listings reach other organizations only
+# through SECURITY DEFINER functions with an explicit filter (listed, or the caller's own).
+# make_tenant gives every tenant a *private* plugin, listing, installation and governance
+# rows, so every plugins.* / marketplace.* query runs here against real rows that must not
+# cross; tests/test_plugins.py and tests/test_marketplace.py cover the public side.
 CROSS_TENANT_READABLE: dict[str, str] = {
     "workflow_public_templates": "the public template catalog: copies, kept by a trigger, of "
                                  "live public templates (visibility 'public', is_template, "

@@ -570,13 +570,16 @@ class Plugins(Repository):
         reqs = {pid: parse_range(r) for pid, r in requirements.items()}
         if not reqs:
             return Resolution([])
-        rows = await self.graph(builtins.list(reqs))
+        # Raw records, not GraphRow: a 1,000-version graph is decoded once, straight into
+        # candidates (columns as in GraphRow).
+        rows = await self._db.many(GRAPH.name, roots=builtins.list(reqs))
         ranges: dict[str, Range] = {}
         cands: dict[uuid.UUID, builtins.list[Candidate]] = {}
-        for r in rows:  # highest version first per plugin (ordered by the graph query)
-            cands.setdefault(r.plugin_id, []).append(Candidate(
-                r.plugin_id, r.plugin_name, r.version_id, r.version, key=r.vkey,
-                dep_ids=r.dep_plugin_ids, dep_ranges=r.dep_ranges, ranges=ranges))
+        for pid, name, _org, vid, text, key, _pre, dep_ids, dep_ranges in rows:
+            # highest version first per plugin (the graph query's order)
+            cands.setdefault(pid, []).append(Candidate(
+                pid, name, vid, text, key=key, dep_ids=dep_ids, dep_ranges=dep_ranges,
+                ranges=ranges))
         return resolve(reqs, cands, prerelease=prerelease)
 
     async def dependents(self, plugin_id: uuid.UUID, *,

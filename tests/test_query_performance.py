@@ -307,5 +307,8 @@ async def test_tracking_overhead_scenario_reports_the_ratio_and_the_cost(
                               duration_s=0.3, concurrency=(1,), out=io.StringIO(),
                               progress=io.StringIO())
     assert row["scenario"] == "analytics.tracking_overhead" and row["target"] == 1.03
-    assert row["ratio"] > 0 and row["tracking_ns_per_call"] > row["disabled_ns_per_call"] > 0
-    assert row["tracking_overhead_pct"] is not None and row["tracking_overhead_pct"] > 0
+    # Fields only: which of two sub-microsecond timings is larger is the machine's business
+    # (a loaded machine can flip them), not something a test may assert.
+    assert row["ratio"] > 0 and row["tracking_ns_per_call"] > 0
+    assert row["disabled_ns_per_call"] > 0
+    assert isinstance(row["tracking_overhead_pct"], float)

@@ -81,25 +81,7 @@ class Turn:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class _WithTurnsRow:
-    org_id: uuid.UUID
-    id: uuid.UUID
-    user_id: uuid.UUID
-    channel: str
-    status: str
-    title: str
-    voice_model_id: uuid.UUID | None
-    face_model_id: uuid.UUID | None
-    metadata: Any
-    started_at: datetime
-    ended_at: datetime | None
-    last_turn_at: datetime | None
-    turn_count: int
-    avg_latency_ms: float | None
-    p95_latency_ms: int | None
-    latency_max_ms: int | None
-    tokens_in: int
-    tokens_out: int
+class _WithTurnsRow(Conversation):
     turns: Any  # conversation_turns[]
 
 

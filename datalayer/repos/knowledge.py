@@ -76,25 +76,7 @@ class Document:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class _CreatedRow:
-    org_id: uuid.UUID
-    id: uuid.UUID
-    user_id: uuid.UUID
-    title: str
-    source: str
-    source_uri: str | None
-    mime_type: str
-    size_bytes: int
-    checksum: bytes
-    status: str
-    error: str | None
-    attempts: int
-    chunk_count: int
-    token_count: int
-    processed_at: datetime | None
-    created_at: datetime
-    updated_at: datetime
-    deleted_at: datetime | None
+class _CreatedRow(Document):
     created: bool | None
 
 

@@ -53,22 +53,7 @@ class Listing:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ListingHit:
-    org_id: uuid.UUID
-    id: uuid.UUID
-    kind: str
-    plugin_id: uuid.UUID | None
-    workflow_id: uuid.UUID | None
-    title: str
-    summary: str
-    categories: list[str]
-    pricing: str
-    price: Decimal
-    currency: str
-    featured: bool
-    status: str
-    rating_sum: int
-    rating_count: int
+class ListingHit(Listing):
     rank: float
 
 

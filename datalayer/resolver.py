@@ -259,50 +259,55 @@ class _State:
 
 
 def _cycle(chosen: Mapping[uuid.UUID, Candidate]) -> list[str] | None:
-    """A dependency cycle among the chosen versions (names, first repeated at the end)."""
+    """A dependency cycle among the chosen versions (names, first repeated at the end).
+    Iterative (no recursive closure: a closure that calls itself is a reference cycle that
+    would keep the whole resolution alive until the collector runs)."""
     color: dict[uuid.UUID, int] = {}
-    stack: list[uuid.UUID] = []
-
-    def visit(pid: uuid.UUID) -> list[str] | None:
-        color[pid] = 1
-        stack.append(pid)
-        for dep, _ in chosen[pid].deps:
-            if dep not in chosen:
-                continue
-            if color.get(dep) == 1:
-                loop = [*stack[stack.index(dep):], dep]
-                return [chosen[p].plugin_name for p in loop]
-            if dep not in color:
-                found = visit(dep)
-                if found:
-                    return found
-        stack.pop()
-        color[pid] = 2
-        return None
-
-    for pid in chosen:
-        if pid not in color:
-            found = visit(pid)
-            if found:
-                return found
+    for root in chosen:
+        if root in color:
+            continue
+        color[root] = 1
+        stack: list[uuid.UUID] = [root]
+        iters = [iter(chosen[root].deps)]
+        while iters:
+            for dep, _ in iters[-1]:
+                if dep not in chosen:
+                    continue
+                state = color.get(dep)
+                if state == 1:
+                    loop = [*stack[stack.index(dep):], dep]
+                    return [chosen[p].plugin_name for p in loop]
+                if state is None:
+                    color[dep] = 1
+                    stack.append(dep)
+                    iters.append(iter(chosen[dep].deps))
+                    break
+            else:
+                color[stack.pop()] = 2
+                iters.pop()
     return None
 
 
 def _order(chosen: Mapping[uuid.UUID, Candidate]) -> list[Candidate]:
-    """Dependencies first (the graph is acyclic here)."""
+    """Dependencies first (the graph is acyclic here); iterative, as :func:`_cycle`."""
     out: list[Candidate] = []
     seen: set[uuid.UUID] = set()
-
-    def visit(pid: uuid.UUID) -> None:
-        seen.add(pid)
-        for dep, _ in chosen[pid].deps:
-            if dep in chosen and dep not in seen:
-                visit(dep)
-        out.append(chosen[pid])
-
-    for pid in sorted(chosen, key=lambda p: chosen[p].plugin_name):
-        if pid not in seen:
-            visit(pid)
+    for root in sorted(chosen, key=lambda p: chosen[p].plugin_name):
+        if root in seen:
+            continue
+        seen.add(root)
+        stack = [root]
+        iters = [iter(chosen[root].deps)]
+        while iters:
+            for dep, _ in iters[-1]:
+                if dep in chosen and dep not in seen:
+                    seen.add(dep)
+                    stack.append(dep)
+                    iters.append(iter(chosen[dep].deps))
+                    break
+            else:
+                out.append(chosen[stack.pop()])
+                iters.pop()
     return out
 
 

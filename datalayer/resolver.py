@@ -14,12 +14,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import overload
 
 from datalayer.core.errors import Conflict
 from datalayer.semver import Range, Version, parse_range, parse_version, version_from_key
 
-__all__ = ["ROOT", "Candidate", "Constraint", "Resolution", "ResolutionConflict", "Resolved",
-           "resolve"]
+__all__ = ["ROOT", "Candidate", "Constraint", "PackedCandidates", "Resolution",
+           "ResolutionConflict", "Resolved", "resolve"]
 
 ROOT = "<requirements>"
 MAX_STEPS = 20_000
@@ -77,6 +78,55 @@ class Candidate:
 
     def __repr__(self) -> str:
         return f"Candidate({self.plugin_name}@{self.version})"
+
+
+class PackedCandidates(Sequence[Candidate]):
+    """The candidates of one plugin from its packed text (``app.plugin_graph_packed``: a
+    line per version, highest first: id, version, vkey, comma-separated dependency ids,
+    then one range per dependency, tab separated), each parsed on first access: the
+    resolution usually takes the first candidate that fits and never looks at the rest, so
+    a large graph costs a few allocations per plugin rather than several per version (fewer
+    objects surviving into the collector's old generation, fewer full collections)."""
+
+    __slots__ = ("_lines", "_name", "_parsed", "_pid", "_ranges")
+
+    def __init__(self, plugin_id: uuid.UUID, plugin_name: str, versions: str,
+                 ranges: dict[str, Range] | None = None) -> None:
+        self._pid = plugin_id
+        self._name = plugin_name
+        self._lines = versions.split("\n") if versions else []
+        self._parsed: list[Candidate | None] = [None] * len(self._lines)
+        self._ranges = ranges
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def _at(self, i: int) -> Candidate:
+        c = self._parsed[i]
+        if c is None:
+            vid, text, key, ids, *ranges = self._lines[i].split("\t")
+            c = self._parsed[i] = Candidate(
+                self._pid, self._name, uuid.UUID(vid), text, key=key,
+                dep_ids=[uuid.UUID(x) for x in ids.split(",")] if ids else [],
+                dep_ranges=ranges, ranges=self._ranges)
+        return c
+
+    @overload
+    def __getitem__(self, i: int) -> Candidate: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Candidate]: ...
+    def __getitem__(self, i: int | slice) -> Candidate | list[Candidate]:
+        if isinstance(i, slice):
+            return [self._at(k) for k in range(*i.indices(len(self._lines)))]
+        if i < 0:
+            i += len(self._lines)
+        if not 0 <= i < len(self._lines):
+            raise IndexError(i)
+        return self._at(i)
+
+    def __iter__(self) -> Iterator[Candidate]:
+        for i in range(len(self._lines)):
+            yield self._at(i)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,50 +259,55 @@ class _State:
 
 
 def _cycle(chosen: Mapping[uuid.UUID, Candidate]) -> list[str] | None:
-    """A dependency cycle among the chosen versions (names, first repeated at the end)."""
+    """A dependency cycle among the chosen versions (names, first repeated at the end).
+    Iterative (no recursive closure: a closure that calls itself is a reference cycle that
+    would keep the whole resolution alive until the collector runs)."""
     color: dict[uuid.UUID, int] = {}
-    stack: list[uuid.UUID] = []
-
-    def visit(pid: uuid.UUID) -> list[str] | None:
-        color[pid] = 1
-        stack.append(pid)
-        for dep, _ in chosen[pid].deps:
-            if dep not in chosen:
-                continue
-            if color.get(dep) == 1:
-                loop = [*stack[stack.index(dep):], dep]
-                return [chosen[p].plugin_name for p in loop]
-            if dep not in color:
-                found = visit(dep)
-                if found:
-                    return found
-        stack.pop()
-        color[pid] = 2
-        return None
-
-    for pid in chosen:
-        if pid not in color:
-            found = visit(pid)
-            if found:
-                return found
+    for root in chosen:
+        if root in color:
+            continue
+        color[root] = 1
+        stack: list[uuid.UUID] = [root]
+        iters = [iter(chosen[root].deps)]
+        while iters:
+            for dep, _ in iters[-1]:
+                if dep not in chosen:
+                    continue
+                state = color.get(dep)
+                if state == 1:
+                    loop = [*stack[stack.index(dep):], dep]
+                    return [chosen[p].plugin_name for p in loop]
+                if state is None:
+                    color[dep] = 1
+                    stack.append(dep)
+                    iters.append(iter(chosen[dep].deps))
+                    break
+            else:
+                color[stack.pop()] = 2
+                iters.pop()
     return None
 
 
 def _order(chosen: Mapping[uuid.UUID, Candidate]) -> list[Candidate]:
-    """Dependencies first (the graph is acyclic here)."""
+    """Dependencies first (the graph is acyclic here); iterative, as :func:`_cycle`."""
     out: list[Candidate] = []
     seen: set[uuid.UUID] = set()
-
-    def visit(pid: uuid.UUID) -> None:
-        seen.add(pid)
-        for dep, _ in chosen[pid].deps:
-            if dep in chosen and dep not in seen:
-                visit(dep)
-        out.append(chosen[pid])
-
-    for pid in sorted(chosen, key=lambda p: chosen[p].plugin_name):
-        if pid not in seen:
-            visit(pid)
+    for root in sorted(chosen, key=lambda p: chosen[p].plugin_name):
+        if root in seen:
+            continue
+        seen.add(root)
+        stack = [root]
+        iters = [iter(chosen[root].deps)]
+        while iters:
+            for dep, _ in iters[-1]:
+                if dep in chosen and dep not in seen:
+                    seen.add(dep)
+                    stack.append(dep)
+                    iters.append(iter(chosen[dep].deps))
+                    break
+            else:
+                out.append(chosen[stack.pop()])
+                iters.pop()
     return out
 
 
@@ -264,8 +319,8 @@ def resolve(requirements: Mapping[uuid.UUID, Range],
     its installable versions, highest first). Raises :class:`ResolutionConflict`."""
     known = dict(names or {})
     for pid, cands in candidates.items():
-        if cands:
-            known.setdefault(pid, cands[0].plugin_name)
+        if pid not in known and cands:
+            known[pid] = cands[0].plugin_name
     st = _State(candidates, known, prerelease)
     for pid, rng in requirements.items():
         st.constrain(pid, rng, None)

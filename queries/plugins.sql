@@ -103,6 +103,11 @@ SELECT plugin_id, plugin_name, org_id, version_id, version, vkey, prerelease, de
        dep_ranges
 FROM app.plugin_graph(:roots::uuid[]);
 
+-- name: graph_packed :many
+-- The candidate graph packed per plugin for the resolver (app.plugin_graph_packed).
+SELECT plugin_id, plugin_name, versions
+FROM app.plugin_graph_packed(:roots::uuid[]);
+
 -- name: dependents :many
 -- Reverse dependencies of a plugin (visible to the context), in one query.
 SELECT plugin_id, plugin_name, org_id, version_id, version, status, range

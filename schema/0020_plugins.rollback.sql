@@ -21,6 +21,7 @@ DROP FUNCTION app.plugin_vulnerability_alerts();
 DROP FUNCTION app.plugin_policy_check(uuid, uuid, text);
 DROP FUNCTION app.plugin_advisories_of(uuid);
 DROP FUNCTION app.plugin_dependents(uuid);
+DROP FUNCTION app.plugin_graph_packed(uuid[]);
 DROP FUNCTION app.plugin_graph(uuid[]);
 DROP FUNCTION app.plugin_search(text, text, uuid, text, double precision, real, uuid, integer,
                                 boolean);

@@ -408,6 +408,37 @@ async def test_resolve_skips_yanked_and_prereleases_unless_asked(
             await db.plugins.resolve({p.id: "=1.1.0"})
 
 
+async def test_packed_graph_matches_the_graph_and_hides_private_plugins(
+    dl: DataLayer, pub: Tenant, con: Tenant,
+) -> None:
+    """The resolver reads app.plugin_graph_packed (one row per plugin, versions packed in a
+    text): it holds exactly what app.plugin_graph holds, in the same order, and a private
+    plugin of another organization reaches neither."""
+    hidden, _ = await publish(dl, pub.owner, uniq("hidden"), {"1.0.0": {}}, public=False)
+    core, _ = await publish(dl, pub.owner, uniq("core"),
+                            {"1.0.0": {}, "1.2.0-rc.1": {}, "2.0.0+build.7": {}})
+    app, _ = await publish(dl, pub.owner, uniq("app"), {
+        "1.0.0": {core.id: "^1.0.0 || >=2.0.0 <3"}, "1.1.0": {hidden.id: "*"}})
+    async with dl.session(con.owner, readonly=True) as db:
+        graph = await db.plugins.graph([app.id])
+        packed = await db.many("plugins.graph_packed", roots=[app.id])
+        res = await db.plugins.resolve({app.id: "1.0.0", core.id: "^2"})
+        assert (await db.plugins.resolve({app.id: "^1"})).version_of(app.id) == "1.0.0"
+    assert hidden.id not in {g.plugin_id for g in graph}
+    assert [r["plugin_id"] for r in packed] == sorted({g.plugin_id for g in graph})
+    for row in packed:
+        lines = [line.split("\t") for line in row["versions"].split("\n")]
+        mine = [g for g in graph if g.plugin_id == row["plugin_id"]]
+        assert [(uuid.UUID(x[0]), x[1], x[2]) for x in lines] == \
+            [(g.version_id, g.version, g.vkey) for g in mine]
+        assert [([uuid.UUID(i) for i in x[3].split(",")] if x[3] else [], x[4:])
+                for x in lines] == [(g.dep_plugin_ids, g.dep_ranges) for g in mine]
+    assert res.version_of(core.id) == "2.0.0+build.7"
+    with pytest.raises(ResolutionConflict, match="no installable version"):
+        async with dl.session(con.owner, readonly=True) as db:
+            await db.plugins.resolve({app.id: "1.1.0"})  # needs the hidden plugin
+
+
 async def test_dependents_answer_what_breaks_if_yanked(
     dl: DataLayer, pub: Tenant, con: Tenant,
 ) -> None:

@@ -423,11 +423,16 @@ DECLARE
   v_fn text := format('app.%I', 'audit_capture__' || p_table);
   v_pk_cols text[];
   v_org_col text;
+  v_skip text[];
   v_secret text;
   v_personal text;
   v_frameworks text;
   v_pk text;
   v_org text;
+  v_all text;
+  v_oldj text;
+  v_newj text;
+  v_skipped text;
   v_body text;
 BEGIN
   IF v_rel IS NULL THEN
@@ -449,13 +454,43 @@ BEGIN
   VALUES (p_table, v_pk_cols, v_org_col)
   ON CONFLICT (table_name) DO UPDATE SET pk_columns = EXCLUDED.pk_columns,
                                          org_column = EXCLUDED.org_column;
-  SELECT quote_literal(coalesce(array_agg(column_name ORDER BY column_name), '{}')::text)
-         || '::text[]' INTO v_secret FROM (
+  SELECT coalesce(array_agg(column_name ORDER BY column_name), '{}') INTO v_skip FROM (
     SELECT column_name FROM app.secret_columns WHERE table_name = p_table
     UNION SELECT column_name FROM app.encrypted_columns WHERE table_name = p_table
     UNION SELECT column_name FROM app.audit_omit_columns WHERE table_name = p_table
     UNION SELECT attname::text FROM pg_attribute
           WHERE attrelid = v_rel AND attgenerated <> '' AND NOT attisdropped) s;
+  v_secret := quote_literal(v_skip::text) || '::text[]';
+  -- Every column (in jsonb key order: an insert lists them all as changed); the copied ones
+  -- as jsonb of OLD and NEW (built column by column: a skipped column, a search vector say,
+  -- is never converted); the skipped ones compared in place (their text form when the type
+  -- has no equality operator).
+  SELECT quote_literal(array_agg(k)::text) || '::text[]' INTO v_all
+  FROM jsonb_object_keys((SELECT jsonb_object_agg(attname, 1) FROM pg_attribute
+                          WHERE attrelid = v_rel AND attnum > 0 AND NOT attisdropped)) k;
+  SELECT coalesce(string_agg(replace(o, 'ROWX', 'OLD'), ' || '), '''{}''::jsonb'),
+         coalesce(string_agg(replace(o, 'ROWX', 'NEW'), ' || '), '''{}''::jsonb')
+  INTO v_oldj, v_newj
+  FROM (SELECT 'jsonb_build_object(' || string_agg(format('%L, ROWX.%I', attname, attname),
+                                                   ', ' ORDER BY attnum) || ')' AS o
+        FROM (SELECT a.attname::text AS attname, a.attnum,
+                     (row_number() OVER (ORDER BY a.attnum) - 1) / 50 AS chunk
+              FROM pg_attribute a
+              WHERE a.attrelid = v_rel AND a.attnum > 0 AND NOT a.attisdropped
+                AND a.attname::text <> ALL(v_skip)) c
+        GROUP BY chunk ORDER BY chunk) s;
+  SELECT coalesce('array_remove(ARRAY[' || string_agg(
+           CASE WHEN EXISTS (SELECT 1 FROM pg_operator WHERE oprname = '='
+                             AND oprleft = a.atttypid AND oprright = a.atttypid)
+                THEN format('CASE WHEN OLD.%1$I IS DISTINCT FROM NEW.%1$I THEN %2$L END',
+                            a.attname, a.attname)
+                ELSE format('CASE WHEN OLD.%1$I::text IS DISTINCT FROM NEW.%1$I::text '
+                            'THEN %2$L END', a.attname, a.attname) END,
+           ', ' ORDER BY a.attnum) || ']::text[], NULL)', 'NULL::text[]')
+  INTO v_skipped
+  FROM pg_attribute a
+  WHERE a.attrelid = v_rel AND a.attnum > 0 AND NOT a.attisdropped
+    AND a.attname::text = ANY(v_skip);
   SELECT quote_literal(coalesce(array_agg(column_name ORDER BY column_name), '{}')::text)
          || '::text[]' INTO v_personal
   FROM app.personal_columns WHERE table_name IN (p_table, '*');
@@ -471,15 +506,25 @@ BEGIN
   -- z: the commitment and the hash. The head moves in the same statement.
   v_body := format($b$
 DECLARE
-  v_o jsonb := to_jsonb(OLD);
-  v_n jsonb := to_jsonb(NEW);
+  v_o jsonb;
+  v_n jsonb;
+  v_x text[];
   v_r jsonb;
   v_org uuid;
   v_seq bigint;
   v_prev bytea;
 BEGIN
-  IF v_o = v_n THEN
-    RETURN NULL;  -- an update that changed nothing
+  IF TG_OP = 'INSERT' THEN
+    v_n := %6$s;
+  ELSIF TG_OP = 'DELETE' THEN
+    v_o := %7$s;
+  ELSE
+    v_o := %7$s;
+    v_n := %6$s;
+    v_x := %8$s;
+    IF v_o = v_n AND coalesce(cardinality(v_x), 0) = 0 THEN
+      RETURN NULL;  -- an update that changed nothing
+    END IF;
   END IF;
   v_r := coalesce(v_n, v_o);
   v_org := coalesce(%1$s, app.org_id(), '00000000-0000-0000-0000-000000000000'::uuid);
@@ -498,10 +543,12 @@ BEGIN
                 WHEN v_n IS NOT NULL THEN (SELECT jsonb_object_agg(x, v_n->x)
                                            FROM unnest(k.changed) x WHERE x <> ALL(%3$s)) END
              AS a
-    FROM (SELECT CASE WHEN v_o IS NULL THEN ARRAY(SELECT jsonb_object_keys(v_n))
+    FROM (SELECT CASE WHEN v_o IS NULL THEN %9$s
                       WHEN v_n IS NOT NULL THEN
-                        (SELECT array_agg(e.key ORDER BY e.key) FROM jsonb_each(v_n) e
-                         WHERE e.value IS DISTINCT FROM v_o->e.key) END AS changed) k
+                        (SELECT array_agg(s.k ORDER BY s.k)
+                         FROM (SELECT e.key FROM jsonb_each(v_n) e
+                               WHERE e.value IS DISTINCT FROM v_o->e.key
+                               UNION ALL SELECT unnest(v_x)) s(k)) END AS changed) k
     WHERE v_o IS NULL OR v_n IS NULL OR k.changed IS NOT NULL
   ), p AS MATERIALIZED (
     SELECT c.changed, c.b - %4$s AS b, c.a - %4$s AS a,
@@ -533,7 +580,7 @@ BEGIN
   FROM z;
   RETURN NULL;
 END
-$b$, v_org, v_pk, v_secret, v_personal, v_frameworks);
+$b$, v_org, v_pk, v_secret, v_personal, v_frameworks, v_newj, v_oldj, v_skipped, v_all);
   EXECUTE format(
     'CREATE OR REPLACE FUNCTION %s() RETURNS trigger '
     'LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS %s',

@@ -6,9 +6,7 @@ DECLARE
 BEGIN
   FOR t IN SELECT table_name FROM app.audit_tables LOOP
     IF to_regclass(format('public.%I', t)) IS NOT NULL THEN
-      EXECUTE format('DROP TRIGGER IF EXISTS audit_capture_insert ON public.%I', t);
-      EXECUTE format('DROP TRIGGER IF EXISTS audit_capture_update ON public.%I', t);
-      EXECUTE format('DROP TRIGGER IF EXISTS audit_capture_delete ON public.%I', t);
+      EXECUTE format('DROP TRIGGER IF EXISTS audit_capture ON public.%I', t);
     END IF;
     EXECUTE format('DROP FUNCTION IF EXISTS app.%I()', 'audit_capture__' || t);
   END LOOP;
@@ -25,7 +23,6 @@ DROP TABLE audit_legal_holds;
 DROP TABLE audit_retention_log;
 DROP PROCEDURE app.audit_capture(text);
 DROP PROCEDURE app.audit_uncapture(text);
-DROP FUNCTION app.audit_append_changes(text, text, uuid[], jsonb[], text[], jsonb[], jsonb[], jsonb[]);
 DROP FUNCTION app.audit_events_before_insert();
 DROP FUNCTION app.audit_events_after_insert();
 DROP FUNCTION app.audit_credential_access();

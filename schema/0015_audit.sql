@@ -7,8 +7,8 @@
 --   audit_events  explicit events (login, lockout, role change, API key, credential decrypt,
 --                 key rotation, ...), risk level and compliance frameworks from ONE rules
 --                 table (app.audit_rules, read by app.audit_classify / app.audit_risk).
---   data_changes  one row per mutated row of every captured table, written by the generic
---                 statement-level trigger app.audit_capture_rows(). A table opts in with one
+--   data_changes  one row per mutated row of every captured table, written by a row-level
+--                 trigger generated per table (app.audit_capture__<table>). A table opts in with one
 --                 line in a migration: CALL app.audit_capture('table_name');
 --
 -- Append-only: datalayer_app may INSERT audit events (its own organization, context columns
@@ -398,67 +398,22 @@ CREATE TRIGGER audit_events_after_insert AFTER INSERT ON audit_events
   FOR EACH STATEMENT EXECUTE FUNCTION app.audit_events_after_insert();
 
 -- Change capture ----------------------------------------------------------------------------------
--- Statement-level triggers (transition tables): one chain-head update per statement and
--- organization, so a bulk UPDATE of n rows costs one query, one head update and one INSERT of
--- n change rows. app.audit_capture(table) generates a trigger function for the table
--- (app.audit_capture__<table>) with its primary key, organization column, secret and personal
--- columns compiled into static SQL, so PL/pgSQL caches its plans (a generic function would
--- re-plan a dynamic query on every statement). The registries re-generate the functions of
--- captured tables whenever they change (triggers below), so a column registered as secret is
--- never copied afterwards.
-
--- Append the change rows of one statement (arrays in organization, key order) to the chains.
--- One INSERT .. RETURNING per row computes the row's hash in SQL and hands it to the next:
--- PL/pgSQL re-initializes every expression it evaluates once per transaction, so a loop of
--- many small assignments costs more on a one-row statement than the hashing itself.
-CREATE FUNCTION app.audit_append_changes(p_table text, p_op text, p_orgs uuid[], p_pks jsonb[],
-                                         p_changed text[], p_before jsonb[], p_after jsonb[],
-                                         p_personal jsonb[])
-RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS $$
-DECLARE
-  v_frameworks text[] := (app.audit_classify('change.' || p_table, 'success')).frameworks;
-  v_actor uuid := app.user_id();
-  v_request text := app.request_id();
-  v_cur uuid;
-  v_seq bigint;
-  v_prev bytea;
-BEGIN
-  FOR i IN 1 .. cardinality(p_orgs) LOOP
-    IF v_cur IS DISTINCT FROM p_orgs[i] THEN
-      IF v_cur IS NOT NULL THEN
-        UPDATE app.audit_heads SET seq = v_seq, head = v_prev
-        WHERE org_id = v_cur AND chain = 'changes';
-      END IF;
-      v_cur := p_orgs[i];
-      -- Lock the head (a row lock, no new row version yet): last seq and the head hash.
-      SELECT h.seq, h.head INTO v_seq, v_prev FROM app.audit_heads h
-      WHERE h.org_id = v_cur AND h.chain = 'changes' FOR UPDATE;
-      IF NOT FOUND THEN
-        SELECT t.first_seq - 1, t.prev INTO v_seq, v_prev
-        FROM app.audit_take(v_cur, 'changes', 0) t;
-      END IF;
-    END IF;
-    INSERT INTO data_changes (org_id, seq, id, at, table_name, row_pk, op, actor_user_id,
-                              request_id, changed_columns, frameworks, before, after, personal,
-                              pii_salt, pii_commit, prev_hash, row_hash)
-    SELECT v_cur, x.seq, x.id, x.at, p_table, p_pks[i], p_op, v_actor, v_request,
-           p_changed[i]::text[], v_frameworks, p_before[i], p_after[i], p_personal[i], x.salt,
-           c.cmt, v_prev,
-           app.audit_change_hash(v_prev, v_cur, x.seq, x.id, x.at, p_table, p_pks[i], p_op,
-                                 v_actor, v_request, p_changed[i]::text[], v_frameworks,
-                                 p_before[i], p_after[i], c.cmt)
-    FROM (SELECT v_seq + 1 AS seq, gen_random_uuid() AS id, clock_timestamp() AS at,
-                 CASE WHEN p_personal[i] IS NOT NULL THEN uuid_send(gen_random_uuid()) END
-                   AS salt) x
-    CROSS JOIN LATERAL (SELECT app.audit_commit(x.salt, NULL, NULL, p_personal[i]) AS cmt) c
-    RETURNING seq, row_hash INTO v_seq, v_prev;
-  END LOOP;
-  IF v_cur IS NOT NULL THEN
-    UPDATE app.audit_heads SET seq = v_seq, head = v_prev
-    WHERE org_id = v_cur AND chain = 'changes';
-  END IF;
-END $$;
+-- Row-level AFTER triggers: app.audit_capture(table) generates a trigger function for the table
+-- (app.audit_capture__<table>) with its primary key, organization column, secret, omitted and
+-- personal columns and its compliance frameworks compiled into static SQL, so PL/pgSQL caches
+-- its plans (a generic function would re-plan a dynamic query on every row). The registries
+-- (and app.audit_rules) re-generate the functions of captured tables whenever they change
+-- (triggers below), so a column registered as secret is never copied afterwards.
+--
+-- Per mutated row: one statement locks the (org, 'changes') chain head (a row lock, no new
+-- row version), one statement computes the change (changed columns, before/after minus
+-- secrets, personal columns split out), its hash, inserts the change row and moves the head.
+-- Most writes change one row; a statement-level trigger with transition tables cost about
+-- twice as much there (to_jsonb over the transition tables, array aggregation, a second
+-- function, a per-row loop), and PL/pgSQL re-initializes every expression it evaluates once
+-- per transaction, so the function is kept to a handful of them. A bulk statement pays the
+-- two statements per row (the head row lock is taken once and held until COMMIT).
+-- An UPDATE that changed nothing writes no change row and takes no lock.
 
 -- Opt a table into change capture: CALL app.audit_capture('table_name'); (again to refresh).
 CREATE PROCEDURE app.audit_capture(p_table text)
@@ -468,14 +423,17 @@ DECLARE
   v_fn text := format('app.%I', 'audit_capture__' || p_table);
   v_pk_cols text[];
   v_org_col text;
+  v_skip text[];
   v_secret text;
   v_personal text;
+  v_frameworks text;
   v_pk text;
   v_org text;
-  v_ins text;
-  v_del text;
-  v_upd text;
-  v_wrap text;
+  v_all text;
+  v_oldj text;
+  v_newj text;
+  v_skipped text;
+  v_body text;
 BEGIN
   IF v_rel IS NULL THEN
     RAISE EXCEPTION 'no table public.% to capture', p_table USING ERRCODE = 'undefined_table';
@@ -496,80 +454,142 @@ BEGIN
   VALUES (p_table, v_pk_cols, v_org_col)
   ON CONFLICT (table_name) DO UPDATE SET pk_columns = EXCLUDED.pk_columns,
                                          org_column = EXCLUDED.org_column;
-  SELECT quote_literal(coalesce(array_agg(column_name ORDER BY column_name), '{}')::text)
-         || '::text[]' INTO v_secret FROM (
+  SELECT coalesce(array_agg(column_name ORDER BY column_name), '{}') INTO v_skip FROM (
     SELECT column_name FROM app.secret_columns WHERE table_name = p_table
     UNION SELECT column_name FROM app.encrypted_columns WHERE table_name = p_table
     UNION SELECT column_name FROM app.audit_omit_columns WHERE table_name = p_table
     UNION SELECT attname::text FROM pg_attribute
           WHERE attrelid = v_rel AND attgenerated <> '' AND NOT attisdropped) s;
+  v_secret := quote_literal(v_skip::text) || '::text[]';
+  -- Every column (in jsonb key order: an insert lists them all as changed); the copied ones
+  -- as jsonb of OLD and NEW (built column by column: a skipped column, a search vector say,
+  -- is never converted); the skipped ones compared in place (their text form when the type
+  -- has no equality operator).
+  SELECT quote_literal(array_agg(k)::text) || '::text[]' INTO v_all
+  FROM jsonb_object_keys((SELECT jsonb_object_agg(attname, 1) FROM pg_attribute
+                          WHERE attrelid = v_rel AND attnum > 0 AND NOT attisdropped)) k;
+  SELECT coalesce(string_agg(replace(o, 'ROWX', 'OLD'), ' || '), '''{}''::jsonb'),
+         coalesce(string_agg(replace(o, 'ROWX', 'NEW'), ' || '), '''{}''::jsonb')
+  INTO v_oldj, v_newj
+  FROM (SELECT 'jsonb_build_object(' || string_agg(format('%L, ROWX.%I', attname, attname),
+                                                   ', ' ORDER BY attnum) || ')' AS o
+        FROM (SELECT a.attname::text AS attname, a.attnum,
+                     (row_number() OVER (ORDER BY a.attnum) - 1) / 50 AS chunk
+              FROM pg_attribute a
+              WHERE a.attrelid = v_rel AND a.attnum > 0 AND NOT a.attisdropped
+                AND a.attname::text <> ALL(v_skip)) c
+        GROUP BY chunk ORDER BY chunk) s;
+  SELECT coalesce('array_remove(ARRAY[' || string_agg(
+           CASE WHEN EXISTS (SELECT 1 FROM pg_operator WHERE oprname = '='
+                             AND oprleft = a.atttypid AND oprright = a.atttypid)
+                THEN format('CASE WHEN OLD.%1$I IS DISTINCT FROM NEW.%1$I THEN %2$L END',
+                            a.attname, a.attname)
+                ELSE format('CASE WHEN OLD.%1$I::text IS DISTINCT FROM NEW.%1$I::text '
+                            'THEN %2$L END', a.attname, a.attname) END,
+           ', ' ORDER BY a.attnum) || ']::text[], NULL)', 'NULL::text[]')
+  INTO v_skipped
+  FROM pg_attribute a
+  WHERE a.attrelid = v_rel AND a.attnum > 0 AND NOT a.attisdropped
+    AND a.attname::text = ANY(v_skip);
   SELECT quote_literal(coalesce(array_agg(column_name ORDER BY column_name), '{}')::text)
          || '::text[]' INTO v_personal
   FROM app.personal_columns WHERE table_name IN (p_table, '*');
-  -- The primary key as jsonb, and the organization, over a row alias substituted for ROWX.
-  SELECT 'jsonb_build_object(' || string_agg(format('%L, ROWX->%L', c, c), ', ') || ')'
+  v_frameworks := quote_literal(coalesce(
+    (app.audit_classify('change.' || p_table, 'success')).frameworks, '{}')::text) || '::text[]';
+  -- The primary key as jsonb, and the organization, of the row (new row; old for a delete).
+  SELECT 'jsonb_build_object(' || string_agg(format('%L, v_r->%L', c, c), ', ') || ')'
   INTO v_pk FROM unnest(v_pk_cols) c;
   v_org := CASE WHEN v_org_col IS NULL THEN 'NULL::uuid'
-                ELSE format('(ROWX->>%L)::uuid', v_org_col) END;
-  -- (org, pk, changed, before, after): rows minus secrets; updates: changed columns only.
-  v_ins := format('SELECT %s AS org, %s AS pk, ARRAY(SELECT jsonb_object_keys(r)) AS changed, '
-                  'NULL::jsonb AS b, r - %s AS a FROM (SELECT to_jsonb(n) AS r FROM new_rows n) x',
-                  replace(v_org, 'ROWX', 'r'), replace(v_pk, 'ROWX', 'r'), v_secret);
-  v_del := format('SELECT %s AS org, %s AS pk, NULL::text[] AS changed, r - %s AS b, '
-                  'NULL::jsonb AS a FROM (SELECT to_jsonb(o) AS r FROM old_rows o) x',
-                  replace(v_org, 'ROWX', 'r'), replace(v_pk, 'ROWX', 'r'), v_secret);
-  v_upd := format(
-    'SELECT %s AS org, n.pk, d.changed, '
-    '       (SELECT jsonb_object_agg(k, o.r->k) FROM unnest(d.changed) k WHERE k <> ALL(%s)) AS b, '
-    '       (SELECT jsonb_object_agg(k, n.r->k) FROM unnest(d.changed) k WHERE k <> ALL(%s)) AS a '
-    'FROM (SELECT to_jsonb(o) AS r FROM old_rows o) o '
-    'JOIN (SELECT x.r, %s AS pk FROM (SELECT to_jsonb(n) AS r FROM new_rows n) x) n '
-    '  ON %s = n.pk '
-    'CROSS JOIN LATERAL (SELECT array_agg(e.key ORDER BY e.key) AS changed '
-    '                    FROM jsonb_each(n.r) e WHERE e.value IS DISTINCT FROM o.r->e.key) d '
-    'WHERE d.changed IS NOT NULL',
-    replace(v_org, 'ROWX', 'n.r'), v_secret, v_secret, replace(v_pk, 'ROWX', 'x.r'),
-    replace(v_pk, 'ROWX', 'o.r'));
-  -- Split personal columns out, order by (org, pk), aggregate into the arrays of one call.
-  -- (Aggregating from a sorted sub-select keeps its order without one sort per aggregate.)
-  v_wrap := 'SELECT array_agg(org) AS orgs, array_agg(pk) AS pks, '
-            '       array_agg(changed::text) AS changed, '
-            '       array_agg(b - %2$s) AS b, array_agg(a - %2$s) AS a, '
-            '       array_agg(CASE WHEN (b ?| %2$s) OR (a ?| %2$s) THEN jsonb_strip_nulls('
-            '         jsonb_build_object(''before'', (SELECT jsonb_object_agg(k, v) '
-            '           FROM jsonb_each(b) AS e(k, v) WHERE k = ANY(%2$s)), '
-            '         ''after'', (SELECT jsonb_object_agg(k, v) '
-            '           FROM jsonb_each(a) AS e(k, v) WHERE k = ANY(%2$s)))) END) AS p '
-            'FROM (SELECT coalesce(org, app.org_id(), '
-            '                      ''00000000-0000-0000-0000-000000000000''::uuid) AS org, '
-            '             pk, changed, b, a FROM (%1$s) s0 ORDER BY 1, pk::text) s';
+                ELSE format('(v_r->>%L)::uuid', v_org_col) END;
+  -- c: changed columns and before/after minus secrets (updates: changed columns only);
+  -- d: personal columns split out, position, id, time and salt (materialized: volatile);
+  -- z: the commitment and the hash. The head moves in the same statement.
+  v_body := format($b$
+DECLARE
+  v_o jsonb;
+  v_n jsonb;
+  v_x text[];
+  v_r jsonb;
+  v_org uuid;
+  v_seq bigint;
+  v_prev bytea;
+BEGIN
+  IF TG_OP = 'INSERT' THEN
+    v_n := %6$s;
+  ELSIF TG_OP = 'DELETE' THEN
+    v_o := %7$s;
+  ELSE
+    v_o := %7$s;
+    v_n := %6$s;
+    v_x := %8$s;
+    IF v_o = v_n AND coalesce(cardinality(v_x), 0) = 0 THEN
+      RETURN NULL;  -- an update that changed nothing
+    END IF;
+  END IF;
+  v_r := coalesce(v_n, v_o);
+  v_org := coalesce(%1$s, app.org_id(), '00000000-0000-0000-0000-000000000000'::uuid);
+  SELECT h.seq, h.head INTO v_seq, v_prev FROM app.audit_heads h
+  WHERE h.org_id = v_org AND h.chain = 'changes' FOR UPDATE;
+  IF NOT FOUND THEN
+    SELECT t.first_seq - 1, t.prev INTO v_seq, v_prev FROM app.audit_take(v_org, 'changes', 0) t;
+  END IF;
+  WITH c AS MATERIALIZED (
+    SELECT k.changed,
+           CASE WHEN v_n IS NULL THEN v_o - %3$s
+                WHEN v_o IS NOT NULL THEN (SELECT jsonb_object_agg(x, v_o->x)
+                                           FROM unnest(k.changed) x WHERE x <> ALL(%3$s)) END
+             AS b,
+           CASE WHEN v_o IS NULL THEN v_n - %3$s
+                WHEN v_n IS NOT NULL THEN (SELECT jsonb_object_agg(x, v_n->x)
+                                           FROM unnest(k.changed) x WHERE x <> ALL(%3$s)) END
+             AS a
+    FROM (SELECT CASE WHEN v_o IS NULL THEN %9$s
+                      WHEN v_n IS NOT NULL THEN
+                        (SELECT array_agg(s.k ORDER BY s.k)
+                         FROM (SELECT e.key FROM jsonb_each(v_n) e
+                               WHERE e.value IS DISTINCT FROM v_o->e.key
+                               UNION ALL SELECT unnest(v_x)) s(k)) END AS changed) k
+    WHERE v_o IS NULL OR v_n IS NULL OR k.changed IS NOT NULL
+  ), p AS MATERIALIZED (
+    SELECT c.changed, c.b - %4$s AS b, c.a - %4$s AS a,
+           CASE WHEN (c.b ?| %4$s) OR (c.a ?| %4$s) THEN jsonb_strip_nulls(jsonb_build_object(
+             'before', (SELECT jsonb_object_agg(e.key, e.value) FROM jsonb_each(c.b) e
+                        WHERE e.key = ANY(%4$s)),
+             'after', (SELECT jsonb_object_agg(e.key, e.value) FROM jsonb_each(c.a) e
+                       WHERE e.key = ANY(%4$s)))) END AS p
+    FROM c
+  ), d AS MATERIALIZED (
+    SELECT p.*, v_seq + 1 AS seq, gen_random_uuid() AS id, clock_timestamp() AS at,
+           CASE WHEN p.p IS NOT NULL THEN uuid_send(gen_random_uuid()) END AS salt,
+           %2$s AS pk, app.user_id() AS actor, app.request_id() AS request
+    FROM p
+  ), z AS MATERIALIZED (
+    SELECT d.*, app.audit_change_hash(v_prev, v_org, d.seq, d.id, d.at, TG_TABLE_NAME, d.pk,
+                                      TG_OP, d.actor, d.request, d.changed, %5$s, d.b, d.a,
+                                      m.cmt) AS row_hash, m.cmt
+    FROM d CROSS JOIN LATERAL (SELECT app.audit_commit(d.salt, NULL, NULL, d.p) AS cmt) m
+  ), u AS (
+    UPDATE app.audit_heads h SET seq = z.seq, head = z.row_hash FROM z
+    WHERE h.org_id = v_org AND h.chain = 'changes'
+  )
+  INSERT INTO data_changes (org_id, seq, id, at, table_name, row_pk, op, actor_user_id,
+                            request_id, changed_columns, frameworks, before, after, personal,
+                            pii_salt, pii_commit, prev_hash, row_hash)
+  SELECT v_org, z.seq, z.id, z.at, TG_TABLE_NAME, z.pk, TG_OP, z.actor, z.request, z.changed,
+         %5$s, z.b, z.a, z.p, z.salt, z.cmt, v_prev, z.row_hash
+  FROM z;
+  RETURN NULL;
+END
+$b$, v_org, v_pk, v_secret, v_personal, v_frameworks, v_newj, v_oldj, v_skipped, v_all);
   EXECUTE format(
     'CREATE OR REPLACE FUNCTION %s() RETURNS trigger '
     'LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS %s',
-    v_fn, quote_literal(format(
-      'DECLARE v_agg record; BEGIN '
-      'IF TG_OP = ''INSERT'' THEN %s INTO v_agg; '
-      'ELSIF TG_OP = ''UPDATE'' THEN %s INTO v_agg; '
-      'ELSE %s INTO v_agg; END IF; '
-      'IF v_agg.orgs IS NOT NULL THEN '
-      '  PERFORM app.audit_append_changes(TG_TABLE_NAME, TG_OP, v_agg.orgs, v_agg.pks, '
-      '                                   v_agg.changed, v_agg.b, v_agg.a, v_agg.p); '
-      'END IF; '
-      'RETURN NULL; END',
-      format(v_wrap, v_ins, v_personal), format(v_wrap, v_upd, v_personal),
-      format(v_wrap, v_del, v_personal))));
+    v_fn, quote_literal(v_body));
   EXECUTE format('ALTER FUNCTION %s() OWNER TO datalayer_maint', v_fn);
   EXECUTE format('REVOKE ALL ON FUNCTION %s() FROM PUBLIC', v_fn);
-  EXECUTE format('DROP TRIGGER IF EXISTS audit_capture_insert ON %s', v_rel);
-  EXECUTE format('DROP TRIGGER IF EXISTS audit_capture_update ON %s', v_rel);
-  EXECUTE format('DROP TRIGGER IF EXISTS audit_capture_delete ON %s', v_rel);
-  EXECUTE format('CREATE TRIGGER audit_capture_insert AFTER INSERT ON %s REFERENCING NEW TABLE '
-                 'AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()', v_rel, v_fn);
-  EXECUTE format('CREATE TRIGGER audit_capture_update AFTER UPDATE ON %s REFERENCING OLD TABLE '
-                 'AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT '
-                 'EXECUTE FUNCTION %s()', v_rel, v_fn);
-  EXECUTE format('CREATE TRIGGER audit_capture_delete AFTER DELETE ON %s REFERENCING OLD TABLE '
-                 'AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()', v_rel, v_fn);
+  EXECUTE format('DROP TRIGGER IF EXISTS audit_capture ON %s', v_rel);
+  EXECUTE format('CREATE TRIGGER audit_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
+                 'FOR EACH ROW EXECUTE FUNCTION %s()', v_rel, v_fn);
 END $$;
 
 -- Stop capturing a table (its change rows stay).
@@ -579,9 +599,7 @@ DECLARE
   v_rel regclass := to_regclass(format('public.%I', p_table));
 BEGIN
   IF v_rel IS NOT NULL THEN
-    EXECUTE format('DROP TRIGGER IF EXISTS audit_capture_insert ON %s', v_rel);
-    EXECUTE format('DROP TRIGGER IF EXISTS audit_capture_update ON %s', v_rel);
-    EXECUTE format('DROP TRIGGER IF EXISTS audit_capture_delete ON %s', v_rel);
+    EXECUTE format('DROP TRIGGER IF EXISTS audit_capture ON %s', v_rel);
   END IF;
   EXECUTE format('DROP FUNCTION IF EXISTS app.%I()', 'audit_capture__' || p_table);
   DELETE FROM app.audit_tables WHERE table_name = p_table;
@@ -605,6 +623,9 @@ CREATE TRIGGER audit_registry_changed AFTER INSERT OR UPDATE OR DELETE ON app.pe
 CREATE TRIGGER audit_registry_changed AFTER INSERT OR UPDATE OR DELETE ON app.encrypted_columns
   FOR EACH STATEMENT EXECUTE FUNCTION app.audit_registry_changed();
 CREATE TRIGGER audit_registry_changed AFTER INSERT OR UPDATE OR DELETE ON app.audit_omit_columns
+  FOR EACH STATEMENT EXECUTE FUNCTION app.audit_registry_changed();
+-- The frameworks of a change row are compiled in as well.
+CREATE TRIGGER audit_registry_changed AFTER INSERT OR UPDATE OR DELETE ON app.audit_rules
   FOR EACH STATEMENT EXECUTE FUNCTION app.audit_registry_changed();
 
 -- Events written by the database itself --------------------------------------------------------
@@ -997,7 +1018,6 @@ DECLARE
 BEGIN
   FOREACH f IN ARRAY ARRAY[
     'app.audit_events_before_insert()', 'app.audit_events_after_insert()',
-    'app.audit_append_changes(text, text, uuid[], jsonb[], text[], jsonb[], jsonb[], jsonb[])',
     'app.audit_credential_access()', 'app.audit_execution_control()',
     'app.audit_auth_event(uuid, text, text, inet, text, jsonb)',
     'app.audit_redact_subject(uuid, uuid)', 'app.audit_retention_cut(uuid, text)',

@@ -74,6 +74,33 @@ async def test_bulk_update_yields_one_change_row_per_row(
     assert (await verify_chain(dl, t.org_id)).ok
 
 
+async def test_skipped_columns_are_listed_without_values_and_noop_updates_write_nothing(
+        dl: DataLayer, make_tenant: TenantFactory) -> None:
+    t = await make_tenant()
+    async with dl.session(t.owner) as db:
+        conn = db.connection
+        wid = await conn.fetchval(
+            "INSERT INTO workflows (org_id, name, owner_id) VALUES ($1, 'alpha', $2) "
+            "RETURNING id", t.org_id, t.owner_id)
+        await conn.execute("UPDATE workflows SET name = 'beta' WHERE org_id = $1 AND id = $2",
+                           t.org_id, wid)
+        await conn.execute("UPDATE teams SET description = description WHERE org_id = $1",
+                           t.org_id)
+        await conn.execute("UPDATE workflows SET name = name WHERE org_id = $1", t.org_id)
+    async with dl.system() as db:
+        rows = await db.connection.fetch(
+            "SELECT op, changed_columns, before, after FROM data_changes "
+            "WHERE org_id = $1 AND table_name = 'workflows' ORDER BY seq", t.org_id)
+    assert [r["op"] for r in rows] == ["INSERT", "UPDATE"]
+    ins, upd = rows
+    # The generated search vector is listed (it changed) but never copied.
+    assert {"search", "name", "nodes"} <= set(ins["changed_columns"])
+    assert "search" not in ins["after"] and ins["after"]["name"] == "alpha"
+    assert upd["changed_columns"] == ["name", "search"]
+    assert upd["before"] == {"name": "alpha"} and upd["after"] == {"name": "beta"}
+    assert (await verify_chain(dl, t.org_id)).ok
+
+
 async def test_secret_values_never_reach_change_rows(
         dl: DataLayer, make_tenant: TenantFactory, add_member: MemberFactory,
         admin_conn: asyncpg.Connection) -> None:

@@ -382,12 +382,10 @@ DECLARE
   v_used bigint;
   v_month date := date_trunc('month', now() AT TIME ZONE 'UTC')::date;
 BEGIN
-  -- The lock every concurrent creation of this user queues on (held until commit).
-  INSERT INTO twin_usage AS u (org_id, user_id, month, month_turns, total_turns)
-  VALUES (p_org, p_user, v_month,
-          CASE WHEN p_kind = 'turns' THEN p_add ELSE 0 END,
-          CASE WHEN p_kind = 'turns' THEN p_add ELSE 0 END)
-  ON CONFLICT (org_id, user_id) DO UPDATE
+  -- The lock every concurrent creation of this user queues on (held until commit). A plain
+  -- UPDATE when the row exists (every call but the user's first): one WAL record, where
+  -- INSERT .. ON CONFLICT DO UPDATE probes the index and logs a row lock before the update.
+  UPDATE twin_usage u
   SET month_turns = CASE WHEN p_kind <> 'turns' THEN
                            CASE WHEN u.month = v_month THEN u.month_turns ELSE 0 END
                          WHEN u.month = v_month THEN u.month_turns + p_add
@@ -395,7 +393,23 @@ BEGIN
       total_turns = u.total_turns + CASE WHEN p_kind = 'turns' THEN p_add ELSE 0 END,
       month = v_month,
       updated_at = now()
+  WHERE u.org_id = p_org AND u.user_id = p_user
   RETURNING CASE WHEN p_kind = 'turns' THEN u.month_turns END INTO v_used;
+  IF NOT FOUND THEN  -- the first one (concurrent first ones meet in ON CONFLICT)
+    INSERT INTO twin_usage AS u (org_id, user_id, month, month_turns, total_turns)
+    VALUES (p_org, p_user, v_month,
+            CASE WHEN p_kind = 'turns' THEN p_add ELSE 0 END,
+            CASE WHEN p_kind = 'turns' THEN p_add ELSE 0 END)
+    ON CONFLICT (org_id, user_id) DO UPDATE
+    SET month_turns = CASE WHEN p_kind <> 'turns' THEN
+                             CASE WHEN u.month = v_month THEN u.month_turns ELSE 0 END
+                           WHEN u.month = v_month THEN u.month_turns + p_add
+                           ELSE p_add END,
+        total_turns = u.total_turns + CASE WHEN p_kind = 'turns' THEN p_add ELSE 0 END,
+        month = v_month,
+        updated_at = now()
+    RETURNING CASE WHEN p_kind = 'turns' THEN u.month_turns END INTO v_used;
+  END IF;
   IF app.org_id() IS NULL THEN
     RETURN;  -- maintenance (dl.system(): seeding, imports) is counted, not limited
   END IF;

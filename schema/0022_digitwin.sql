@@ -470,48 +470,29 @@ DECLARE
   r record;
   v_sessions integer;
   v_updated integer;
-  v_users integer;
-  v_org uuid;
-  v_user uuid;
-  v_turns bigint;
 BEGIN
-  -- One statement for the metrics of every session touched, the check that each was active
-  -- and the (organization, user) pairs: a single turn costs two statements here (this one
-  -- and the turn meter's), not four.
-  WITH a AS (
-    SELECT n.org_id, n.session_id, count(*)::integer AS n, sum(n.total_ms) AS total,
-           max(n.total_ms) AS max_ms, app.latency_hist(array_agg(n.total_ms)) AS hist,
-           sum(n.tokens_in) AS tin, sum(n.tokens_out) AS tout, max(n.created_at) AS last_at
-    FROM new_rows n GROUP BY n.org_id, n.session_id
-  ), u AS (
-    UPDATE conversation_sessions s
-    SET turn_count = s.turn_count + a.n,
-        latency_total_ms = s.latency_total_ms + a.total,
-        latency_max_ms = greatest(s.latency_max_ms, a.max_ms),
-        latency_hist = app.hist_add(s.latency_hist, a.hist),
-        p95_latency_ms = app.hist_p95(app.hist_add(s.latency_hist, a.hist),
-                                      greatest(s.latency_max_ms, a.max_ms)),
-        tokens_in = s.tokens_in + a.tin,
-        tokens_out = s.tokens_out + a.tout,
-        last_turn_at = greatest(s.last_turn_at, a.last_at),
-        updated_at = now()
-    FROM a
-    WHERE s.org_id = a.org_id AND s.id = a.session_id AND s.status = 'active'
-    RETURNING 1
-  )
-  SELECT (SELECT count(*) FROM a), (SELECT count(*) FROM u), w.users, w.org_id, w.user_id, w.n
-    INTO v_sessions, v_updated, v_users, v_org, v_user, v_turns
-  FROM (SELECT count(DISTINCT (n.org_id, n.user_id)) AS users, (array_agg(n.org_id))[1] AS org_id,
-               (array_agg(n.user_id))[1] AS user_id, count(*) AS n
-        FROM new_rows n) w;
+  SELECT count(DISTINCT (n.org_id, n.session_id)) INTO v_sessions FROM new_rows n;
+  UPDATE conversation_sessions s
+  SET turn_count = s.turn_count + a.n,
+      latency_total_ms = s.latency_total_ms + a.total,
+      latency_max_ms = greatest(s.latency_max_ms, a.max_ms),
+      latency_hist = app.hist_add(s.latency_hist, a.hist),
+      p95_latency_ms = app.hist_p95(app.hist_add(s.latency_hist, a.hist),
+                                    greatest(s.latency_max_ms, a.max_ms)),
+      tokens_in = s.tokens_in + a.tin,
+      tokens_out = s.tokens_out + a.tout,
+      last_turn_at = greatest(s.last_turn_at, a.last_at),
+      updated_at = now()
+  FROM (SELECT n.org_id, n.session_id, count(*)::integer AS n, sum(n.total_ms) AS total,
+               max(n.total_ms) AS max_ms, app.latency_hist(array_agg(n.total_ms)) AS hist,
+               sum(n.tokens_in) AS tin, sum(n.tokens_out) AS tout, max(n.created_at) AS last_at
+        FROM new_rows n GROUP BY n.org_id, n.session_id) a
+  WHERE s.org_id = a.org_id AND s.id = a.session_id AND s.status = 'active';
+  GET DIAGNOSTICS v_updated = ROW_COUNT;
   IF v_updated < v_sessions THEN
     RAISE EXCEPTION 'a turn can only be added to an active conversation session'
       USING ERRCODE = 'check_violation', CONSTRAINT = 'conversation_turns_session_active',
             TABLE = 'conversation_turns';
-  END IF;
-  IF v_users = 1 THEN  -- every statement of the application: its own turns
-    PERFORM app.twin_check_limit(v_org, v_user, 'turns', v_turns);
-    RETURN NULL;
   END IF;
   FOR r IN SELECT n.org_id, n.user_id, count(*) AS n FROM new_rows n
            GROUP BY n.org_id, n.user_id ORDER BY n.org_id, n.user_id LOOP

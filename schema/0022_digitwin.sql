@@ -72,6 +72,9 @@ CREATE TABLE twin_usage (
   PRIMARY KEY (org_id, user_id),
   FOREIGN KEY (org_id, user_id) REFERENCES memberships (org_id, user_id) ON DELETE CASCADE
 );
+-- Updated by every turn, model and document (no index covers the counters): half of each
+-- page free so the updates stay HOT (a full page turns each into a new index entry).
+ALTER TABLE twin_usage SET (fillfactor = 50);
 
 -- Models -------------------------------------------------------------------------------------
 -- Voice and face models. The artifact lives in object storage: storage_uri is a URI, never
@@ -379,12 +382,10 @@ DECLARE
   v_used bigint;
   v_month date := date_trunc('month', now() AT TIME ZONE 'UTC')::date;
 BEGIN
-  -- The lock every concurrent creation of this user queues on (held until commit).
-  INSERT INTO twin_usage AS u (org_id, user_id, month, month_turns, total_turns)
-  VALUES (p_org, p_user, v_month,
-          CASE WHEN p_kind = 'turns' THEN p_add ELSE 0 END,
-          CASE WHEN p_kind = 'turns' THEN p_add ELSE 0 END)
-  ON CONFLICT (org_id, user_id) DO UPDATE
+  -- The lock every concurrent creation of this user queues on (held until commit). A plain
+  -- UPDATE when the row exists (every call but the user's first): one WAL record, where
+  -- INSERT .. ON CONFLICT DO UPDATE probes the index and logs a row lock before the update.
+  UPDATE twin_usage u
   SET month_turns = CASE WHEN p_kind <> 'turns' THEN
                            CASE WHEN u.month = v_month THEN u.month_turns ELSE 0 END
                          WHEN u.month = v_month THEN u.month_turns + p_add
@@ -392,15 +393,32 @@ BEGIN
       total_turns = u.total_turns + CASE WHEN p_kind = 'turns' THEN p_add ELSE 0 END,
       month = v_month,
       updated_at = now()
+  WHERE u.org_id = p_org AND u.user_id = p_user
   RETURNING CASE WHEN p_kind = 'turns' THEN u.month_turns END INTO v_used;
+  IF NOT FOUND THEN  -- the first one (concurrent first ones meet in ON CONFLICT)
+    INSERT INTO twin_usage AS u (org_id, user_id, month, month_turns, total_turns)
+    VALUES (p_org, p_user, v_month,
+            CASE WHEN p_kind = 'turns' THEN p_add ELSE 0 END,
+            CASE WHEN p_kind = 'turns' THEN p_add ELSE 0 END)
+    ON CONFLICT (org_id, user_id) DO UPDATE
+    SET month_turns = CASE WHEN p_kind <> 'turns' THEN
+                             CASE WHEN u.month = v_month THEN u.month_turns ELSE 0 END
+                           WHEN u.month = v_month THEN u.month_turns + p_add
+                           ELSE p_add END,
+        total_turns = u.total_turns + CASE WHEN p_kind = 'turns' THEN p_add ELSE 0 END,
+        month = v_month,
+        updated_at = now()
+    RETURNING CASE WHEN p_kind = 'turns' THEN u.month_turns END INTO v_used;
+  END IF;
   IF app.org_id() IS NULL THEN
     RETURN;  -- maintenance (dl.system(): seeding, imports) is counted, not limited
   END IF;
-  SELECT s.subscription_tier INTO v_tier FROM users s WHERE s.id = p_user;
-  SELECT CASE p_kind WHEN 'models' THEN l.max_models WHEN 'documents' THEN l.max_documents
+  SELECT s.subscription_tier,
+         CASE p_kind WHEN 'models' THEN l.max_models WHEN 'documents' THEN l.max_documents
                      ELSE l.max_monthly_turns END
-    INTO v_limit
-  FROM twin_tier_limits l WHERE l.tier = v_tier;
+    INTO v_tier, v_limit
+  FROM users s LEFT JOIN twin_tier_limits l ON l.tier = s.subscription_tier
+  WHERE s.id = p_user;
   IF v_limit IS NULL THEN
     RETURN;
   END IF;

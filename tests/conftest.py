@@ -7,7 +7,9 @@ elsewhere the tests that need it are skipped with the reason.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
 import os
 import socket
 import uuid
@@ -244,3 +246,47 @@ async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 def redis_prefix() -> str:
     return f"dltest:{RUN_ID}:{uuid.uuid4().hex[:6]}:"
 
+
+
+# -- plans ----------------------------------------------------------------------------------
+def plan_nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every node of an EXPLAIN (FORMAT JSON) plan, depth first. With ANALYZE, branches that
+    never ran (``Actual Loops`` 0: gated off by a one-time filter) are left out."""
+    if plan.get("Actual Loops") == 0:
+        return []
+    out = [plan]
+    for child in plan.get("Plans", []):
+        out += plan_nodes(child)
+    return out
+
+
+async def nested_plans(url: str, ctx: Context, sql: str, args: list[object], *,
+                       analyze: bool = False, no_seqscan: bool = False,
+                       ) -> list[dict[str, Any]]:
+    """The plans of ``sql`` and of every statement it runs inside functions (definer
+    functions included), executed under ``ctx`` as a session (the app role and the context)
+    in a transaction that is rolled back; auto_explain reports them as notices."""
+    conn = await asyncpg.connect(url)
+    notes: list[str] = []
+    conn.add_log_listener(lambda _c, msg: notes.append(str(msg.message)))
+    try:
+        await conn.execute(
+            "LOAD 'auto_explain'; SET auto_explain.log_min_duration = 0; "
+            "SET auto_explain.log_nested_statements = on; SET auto_explain.log_format = json; "
+            "SET auto_explain.log_level = notice; SET client_min_messages = notice")
+        if analyze:
+            await conn.execute("SET auto_explain.log_analyze = on; "
+                               "SET auto_explain.log_timing = off")
+        if no_seqscan:
+            await conn.execute("SET enable_seqscan = off")
+        await conn.execute(ctx.session_sql)
+        assert await conn.fetchval("SELECT current_user") == "datalayer_app"
+        await conn.execute("BEGIN READ WRITE")
+        await conn.fetch(sql, *args)
+        await conn.execute("ROLLBACK")
+        await asyncio.sleep(0.1)  # log listeners are called soon, not at once
+    finally:
+        await conn.close()
+    plans = [json.loads(n[n.index("{"):])["Plan"] for n in notes if "plan:" in n and "{" in n]
+    assert plans, f"auto_explain reported no plans: {notes}"
+    return plans

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Any
 
 import asyncpg
 import pytest
 
 from datalayer import Context, DataLayer, LimitExceeded, NotFound
 from datalayer.repos.knowledge import ChunkIn, Ingested, checksum_of
-from tests.conftest import MemberFactory, Tenant, TenantFactory
+from tests.conftest import MemberFactory, Tenant, TenantFactory, plan_nodes
 
 
 @pytest.fixture
@@ -153,13 +152,6 @@ async def test_search_is_weighted_ranked_highlighted_and_skips_deleted(
     assert n == 0
 
 
-def _plan_nodes(plan: Any) -> list[dict[str, Any]]:
-    out = [plan]
-    for child in plan.get("Plans", []):
-        out += _plan_nodes(child)
-    return out
-
-
 async def test_search_uses_the_gin_index_under_rls(
     dl: DataLayer, tenant: Tenant, admin_conn: asyncpg.Connection,
 ) -> None:
@@ -202,7 +194,7 @@ async def test_search_uses_the_gin_index_under_rls(
         hits = await db.knowledge.search("zeppelin", limit=20)
     assert not any(n.get("Index Name") == "knowledge_chunks_search_idx"
                    and "tsv @@" in str(n.get("Index Cond", ""))
-                   for n in _plan_nodes(rls_plan[0]["Plan"]))
+                   for n in plan_nodes(rls_plan[0]["Plan"]))
     assert len(hits) == 8
 
 

@@ -5,7 +5,6 @@ usage analytics and the quality job."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from collections.abc import Mapping
@@ -24,7 +23,7 @@ from datalayer.repos.plugins import (
     plugin_usage_rollup,
 )
 from datalayer.resolver import ResolutionConflict
-from tests.conftest import MemberFactory, Tenant, TenantFactory
+from tests.conftest import MemberFactory, Tenant, TenantFactory, nested_plans
 
 CHECKSUM = "sha256:" + "ab" * 32
 
@@ -280,28 +279,6 @@ async def test_search_is_typo_tolerant(dl: DataLayer, pub: Tenant, con: Tenant) 
         assert (await db.plugins.search("spredsheet-sinc", typo_tolerant=False)).items == []
 
 
-async def _nested_plans(url: str, ctx: Context, sql: str, args: list[object],
-                        ) -> list[dict[str, Any]]:
-    """Plans of the statements run inside functions (auto_explain), as the app role."""
-    conn = await asyncpg.connect(url)
-    notes: list[str] = []
-    conn.add_log_listener(lambda _c, msg: notes.append(str(msg.message)))
-    try:
-        await conn.execute(
-            "LOAD 'auto_explain'; SET auto_explain.log_min_duration = 0; "
-            "SET auto_explain.log_nested_statements = on; SET auto_explain.log_format = json; "
-            "SET auto_explain.log_level = notice; SET client_min_messages = notice; "
-            "SET enable_seqscan = off")
-        await conn.execute(ctx.session_sql)
-        await conn.execute("BEGIN READ ONLY")
-        await conn.fetch(sql, *args)
-        await conn.execute("ROLLBACK")
-        await asyncio.sleep(0.05)
-    finally:
-        await conn.close()
-    return [json.loads(n[n.index("{"):])["Plan"] for n in notes if "plan:" in n and "{" in n]
-
-
 async def test_search_uses_the_catalog_gin_index(
     dl: DataLayer, pub: Tenant, con: Tenant, admin_conn: asyncpg.Connection,
 ) -> None:
@@ -315,7 +292,7 @@ async def test_search_uses_the_catalog_gin_index(
     await admin_conn.execute("ANALYZE plugins")
     sql = dl.registry["plugins.search"].sql
     args: list[object] = ["export", None, None, None, None, 0.0, None, 10, False]
-    plans = await _nested_plans(dl.settings.database_url, con.owner, sql, args)
+    plans = await nested_plans(dl.settings.database_url, con.owner, sql, args, no_seqscan=True)
     text = json.dumps(plans)
     assert "plugins_public_search_idx" in text, [
         (n.get("Node Type"), n.get("Index Name"), n.get("Filter")) for n in _walk(plans)]

@@ -31,6 +31,8 @@ from tests.conftest import (
     drop_database,
     make_layer,
     make_settings,
+    nested_plans,
+    plan_nodes,
 )
 
 
@@ -215,39 +217,6 @@ async def test_without_pg_trgm_search_degrades_cleanly(no_trgm_url: str) -> None
 
 # -- plans: as datalayer_app, the statements inside app.search use the GIN indexes ----------
 
-def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
-    """The plan's nodes that ran (with auto_explain's analyze: branches gated off by a
-    one-time filter are planned but never executed)."""
-    if plan.get("Actual Loops") == 0:
-        return []
-    out = [plan]
-    for child in plan.get("Plans", []):
-        out += _nodes(child)
-    return out
-
-
-async def _inner_plans(url: str, ctx: Context, sql: str, args: list[object], *,
-                       no_seqscan: bool = False) -> list[Any]:
-    conn = await asyncpg.connect(url)
-    notes: list[str] = []
-    conn.add_log_listener(lambda _c, msg: notes.append(str(msg.message)))
-    try:
-        await conn.execute(
-            "LOAD 'auto_explain'; SET auto_explain.log_min_duration = 0; "
-            "SET auto_explain.log_nested_statements = on; SET auto_explain.log_format = json; "
-            "SET auto_explain.log_analyze = on; SET auto_explain.log_timing = off; "
-            "SET auto_explain.log_level = notice; SET client_min_messages = notice")
-        if no_seqscan:
-            await conn.execute("SET enable_seqscan = off")
-        await conn.execute(ctx.session_sql)  # the app role and the context
-        assert await conn.fetchval("SELECT current_user") == "datalayer_app"
-        await conn.fetch(sql, *args)
-        await asyncio.sleep(0.3)
-    finally:
-        await conn.close()
-    return [json.loads(n[n.index("{"):])["Plan"] for n in notes if "plan:" in n and "{" in n]
-
-
 async def test_explain_as_app_role_uses_the_gin_indexes(dl: DataLayer, world: World,
                                                         admin_conn: asyncpg.Connection) -> None:
     # Enough rows in A that a sequential scan would be the plan without the index.
@@ -276,11 +245,11 @@ async def test_explain_as_app_role_uses_the_gin_indexes(dl: DataLayer, world: Wo
             ("budget", ["notification"], ("notifications_",), True),
             ("slak notifcation", ["workflow"], ("workflows_name_trgm_idx",), False)):
         args = q.bind({"text": text, "kinds": kinds, "limit": 10, "fuzzy": True})
-        plans = await _inner_plans(dl.settings.database_url, world.member, q.sql, args,
-                                   no_seqscan=no_seqscan)
-        used = {n.get("Index Name") for p in plans for n in _nodes(p)}
+        plans = await nested_plans(dl.settings.database_url, world.member, q.sql, args,
+                                   analyze=True, no_seqscan=no_seqscan)
+        used = {n.get("Index Name") for p in plans for n in plan_nodes(p)}
         assert any(str(u).startswith(indexes) for u in used), (text, used)
-        scanned = {n.get("Relation Name") for p in plans for n in _nodes(p)
+        scanned = {n.get("Relation Name") for p in plans for n in plan_nodes(p)
                    if n["Node Type"] == "Seq Scan"}
         assert not scanned & {"workflows", "executions", "notifications"}, (text, scanned)
 
@@ -298,7 +267,7 @@ async def test_plain_rls_query_cannot_use_the_index(dl: DataLayer, world: World)
     finally:
         await conn.close()
     plan = (json.loads(raw) if isinstance(raw, str) else raw)[0]["Plan"]
-    conds = " ".join(str(n.get("Index Cond", "")) for n in _nodes(plan))
+    conds = " ".join(str(n.get("Index Cond", "")) for n in plan_nodes(plan))
     assert "@@" not in conds
 
 

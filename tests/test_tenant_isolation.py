@@ -54,7 +54,14 @@ from datalayer.repos.api_keys import IssuedKey
 from datalayer.repos.orgs import Organization
 from datalayer.repos.plugins import UsageEvent
 from datalayer.repos.users import User
-from tests.conftest import RUN_ID, create_database, drop_database, make_settings
+from tests.conftest import (
+    RUN_ID,
+    create_database,
+    drop_database,
+    make_settings,
+    nested_plans,
+    plan_nodes,
+)
 
 T = TypeVar("T")
 
@@ -1399,16 +1406,10 @@ async def seeded_dl() -> AsyncIterator[DataLayer]:
         await asyncio.to_thread(drop_database, name)
 
 
-def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    yield plan
-    for child in plan.get("Plans", []):
-        yield from _nodes(child)
-
-
 def _plan_findings(query: str, plan: dict[str, Any], tables: set[str], *,
                    rls: bool) -> list[Finding]:
     found = []
-    nodes = list(_nodes(plan))
+    nodes = list(plan_nodes(plan))
     for n in nodes:
         if n["Node Type"] == "Seq Scan" and n.get("Relation Name") in tables:
             found.append(Finding("seq-scan", query, f"Seq Scan on {n['Relation Name']}"))
@@ -1426,33 +1427,6 @@ async def _explain(conn: asyncpg.Connection, sql: str, args: list[object]) -> di
     doc = json.loads(raw) if isinstance(raw, str) else raw
     plan: dict[str, Any] = doc[0]["Plan"]
     return plan
-
-
-async def _nested_plans(url: str, ctx: Context, sql: str, args: list[object],
-                        ) -> list[dict[str, Any]]:
-    """The plans of ``sql`` and of every statement it runs inside functions, as executed
-    under ``ctx`` (auto_explain, reported to this client as notices)."""
-    conn = await asyncpg.connect(url)
-    notes: list[str] = []
-    conn.add_log_listener(lambda _c, msg: notes.append(str(msg.message)))
-    try:
-        await conn.execute(
-            "LOAD 'auto_explain'; SET auto_explain.log_min_duration = 0; "
-            "SET auto_explain.log_nested_statements = on; SET auto_explain.log_format = json; "
-            "SET auto_explain.log_level = notice; SET client_min_messages = notice")
-        await conn.execute(ctx.session_sql)  # the app role and the context, as a session
-        await conn.execute("BEGIN READ WRITE")
-        await conn.fetch(sql, *args)
-        await conn.execute("ROLLBACK")
-        await asyncio.sleep(0.05)  # log listeners are called soon, not at once
-    finally:
-        await conn.close()
-    plans = []
-    for note in notes:
-        if "plan:" in note and "{" in note:
-            plans.append(json.loads(note[note.index("{"):])["Plan"])
-    assert plans, f"auto_explain reported no plans: {notes}"
-    return plans
 
 
 async def test_policy_lookups_use_indexes_and_initplans(seeded_dl: DataLayer) -> None:
@@ -1476,7 +1450,7 @@ async def test_policy_lookups_use_indexes_and_initplans(seeded_dl: DataLayer) ->
     # api_keys.verify: the statements inside its SECURITY DEFINER function, as run (no
     # policy applies there: the owner bypasses RLS), captured by auto_explain.
     key = hashlib.sha256(b"key60").digest()
-    for plan in await _nested_plans(dl.settings.database_url, Context(None),
+    for plan in await nested_plans(dl.settings.database_url, Context(None),
                                     dl.registry["api_keys.verify"].sql, [key]):
         found += _plan_findings("api_keys.verify", plan, checked, rls=False)
     async with dl.session(Context(None)) as db:

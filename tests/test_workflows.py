@@ -42,6 +42,7 @@ from tests.conftest import (
     create_database,
     drop_database,
     make_settings,
+    plan_nodes,
 )
 
 NODES = [
@@ -951,13 +952,6 @@ async def test_seeded_workflows_belong_to_their_organizations(dl: DataLayer) -> 
 PLAN_ORGS, PLAN_ROWS = 40, 500
 
 
-def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
-    out = [plan]
-    for child in plan.get("Plans", []):
-        out += _nodes(child)
-    return out
-
-
 @pytest.fixture(scope="module")
 async def plan_db(database_url: str) -> AsyncIterator[tuple[DataLayer, list[uuid.UUID],
                                                             list[uuid.UUID]]]:
@@ -1005,7 +999,7 @@ async def _plans(dl: DataLayer, ctx: Context,
             q = dl.registry[label.partition(" ")[0]]
             raw = await db.connection.fetchval("EXPLAIN (FORMAT JSON) " + q.sql,
                                                *q.bind(params))
-            plans[label] = _nodes((json.loads(raw) if isinstance(raw, str) else raw)[0]["Plan"])
+            plans[label] = plan_nodes((json.loads(raw) if isinstance(raw, str) else raw)[0]["Plan"])
     return plans
 
 

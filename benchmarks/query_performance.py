@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from datalayer import DataLayer
-from datalayer.metrics import QueryMetrics
+from datalayer.query_performance import QueryMetrics
 
 from .core import TENANTS, tenants
 from .harness import BenchContext, Scenario

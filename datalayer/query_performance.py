@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = ["BUCKET_UPPER_NS", "QueryFigures", "QueryMetrics", "QueryStats", "bucket_index"]
 
-log = logging.getLogger("datalayer.metrics")
+log = logging.getLogger("datalayer.query_performance")
 
 _now = time.perf_counter_ns
 _MIN_BL = 10  # bucket 0: below 2**10 ns

@@ -57,7 +57,7 @@ class Settings:
     ratelimit_backend: RateLimitBackend | None = None  # None: redis with REDIS_URL, else postgres
     ratelimit_timeout_ms: int = 200  # decide by the limit's fail mode after this long
     ratelimit_prefix: str = ""  # Redis key prefix (keys: <prefix>ratelimit:<key>)
-    # Query metrics (datalayer/metrics.py): in-process tracking, slow queries, exports.
+    # Query metrics (datalayer/query_performance.py): in-process tracking, slow queries, exports.
     query_metrics: bool = True
     slow_query_ms: float = 200.0  # log (and sample) executions this slow; 0 = never
     query_sample_rate: float = 1.0  # share of slow executions written to query_performance

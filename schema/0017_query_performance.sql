@@ -9,7 +9,7 @@
 --   layer, not tenant data; letting tenants read it, even their own share, would turn it into
 --   a timing side channel on other tenants' data volumes, and recording an org_id would put
 --   a tenant key into a table no tenant may read. It is written in batches, off the request
---   path, by each process's QueryMetrics flush task (datalayer/metrics.py).
+--   path, by each process's QueryMetrics flush task (datalayer/query_performance.py).
 -- * maintenance_runs holds one row per job (datalayer/maintenance.py): the last start and
 --   end, ok or the error, the job's counts, and when it last succeeded.
 --

@@ -15,7 +15,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from datalayer import Conflict, Context, DataLayer, Settings
-from datalayer.metrics import BUCKET_UPPER_NS, N_BUCKETS, QueryMetrics, QueryStats, bucket_index
+from datalayer.query_performance import (
+    BUCKET_UPPER_NS,
+    N_BUCKETS,
+    QueryMetrics,
+    QueryStats,
+    bucket_index,
+)
 from tests.conftest import TenantFactory, make_layer, make_settings
 
 
@@ -122,7 +128,7 @@ async def test_slow_queries_are_logged_without_values_and_persisted_in_batches(
 ) -> None:
     t = await make_tenant()
     marker = f"slug-{uuid.uuid4().hex}"
-    with caplog.at_level(logging.WARNING, logger="datalayer.metrics"):
+    with caplog.at_level(logging.WARNING, logger="datalayer.query_performance"):
         async with slow_layer.session(t.owner, readonly=True) as db:
             await db.one("orgs.get", id=t.org_id)
             await db.one("orgs.get_by_slug", slug=marker)
@@ -289,7 +295,7 @@ def test_otel_requested_without_the_package_degrades_to_no_spans(
 
     if importlib.util.find_spec("opentelemetry") is not None:
         pytest.skip("opentelemetry is installed")
-    with caplog.at_level(logging.WARNING, logger="datalayer.metrics"):
+    with caplog.at_level(logging.WARNING, logger="datalayer.query_performance"):
         m = QueryMetrics(Settings(otel_spans=True))
     assert m._tracer is None
     assert any("opentelemetry-api is not installed" in r.getMessage() for r in caplog.records)

@@ -38,7 +38,7 @@ from datalayer.core.session import (
     SessionScope,
     acquire_with_timeout,
 )
-from datalayer.metrics import QueryMetrics
+from datalayer.query_performance import QueryMetrics
 from datalayer.security import Keyring, PasswordHasher
 from datalayer.settings import Settings
 
@@ -90,7 +90,7 @@ class DataLayer:
         self.registry = Registry.load(resource_dir("queries"), *extra_queries)
         self.keyring = Keyring.from_settings(self.settings)
         self.passwords = passwords or PasswordHasher()
-        # Per-query figures of every registry execution (datalayer/metrics.py).
+        # Per-query figures of every registry execution (datalayer/query_performance.py).
         self.metrics = QueryMetrics(self.settings)
         self._pool: asyncpg.Pool | None = None
         # Search's trigram fallback: pg_trgm installed and DATALAYER_SEARCH_FUZZY (start()).

@@ -121,7 +121,7 @@ class Session:
         self._conn = conn
         self._ctx = ctx
         self._queries = dl.registry.raw
-        self._m = dl.metrics  # every execution reports to it (datalayer/metrics.py)
+        self._m = dl.metrics  # every execution reports to it (datalayer/query_performance.py)
         self._readonly = readonly
         self._tx = in_transaction
         self._sp = 0

@@ -20,7 +20,7 @@ from datalayer.service_pool import ServicePool
 
 if TYPE_CHECKING:
     from datalayer.core.database import DataLayer
-    from datalayer.metrics import QueryMetrics
+    from datalayer.query_performance import QueryMetrics
 
 __all__ = ["PostgresBackend", "sweep_buckets"]
 

@@ -35,6 +35,7 @@ async def test_harness_writes_contract_rows(settings: Settings, tmp_path: Path) 
         assert row["ratio"] == round(row["p50_ms"] / row["baseline_p50_ms"], 3)
         assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
         assert row["baseline_ops_per_s"] > 0
+        assert 0 < row["baseline_p50_ms"] <= row["baseline_p99_ms"]
         assert row["target"] in (1.05, 3.2)
     table = out.getvalue().splitlines()
     assert table[0].split()[:3] == ["scenario", "c", "ops/s"]

@@ -119,6 +119,64 @@ async def test_stats_over_a_period(dl: DataLayer, tenant: Tenant) -> None:
     assert (before.sessions, before.turns, before.avg_latency_ms) == (0, 0, None)
 
 
+async def test_one_turn_and_batch_paths_keep_the_same_metrics(
+    dl: DataLayer, tenant: Tenant, admin_conn: asyncpg.Connection,
+) -> None:
+    """The trigger's single-row path (every append) and its batch path (grouped per session)
+    must agree: the same turns appended one by one and inserted as one statement leave equal
+    session metrics, histogram included, and count the same on the meter."""
+    latencies = [0, 24, 25, 130, 130, 999, 4100, 60000, 75000, 7]
+    async with dl.session(tenant.owner) as db:
+        one = await db.conversations.start()
+        batch = await db.conversations.start()
+        for i, ms in enumerate(latencies):
+            await db.conversations.append_turn(one.id, input_text="q", response_text="a",
+                                               total_ms=ms, tokens_in=i, tokens_out=2 * i)
+        before = await db.models.usage()
+        await db.connection.execute(
+            "INSERT INTO conversation_turns (org_id, session_id, user_id, input_text, "
+            "response_text, total_ms, tokens_in, tokens_out) "
+            "SELECT app.org_id(), $1, app.user_id(), 'q', 'a', ms, i - 1, 2 * (i - 1) "
+            "FROM unnest($2::int[]) WITH ORDINALITY AS x(ms, i)", batch.id, latencies)
+        after = await db.models.usage()
+    cols = ("turn_count, latency_total_ms, latency_max_ms, latency_hist, p95_latency_ms, "
+            "avg_latency_ms, tokens_in, tokens_out")
+    rows = {r["id"]: r for r in await admin_conn.fetch(
+        f"SELECT id, {cols}, last_turn_at FROM conversation_sessions WHERE id = ANY($1)",
+        [one.id, batch.id])}
+    a, b = rows[one.id], rows[batch.id]
+    assert [a[c] for c in cols.split(", ")] == [b[c] for c in cols.split(", ")]
+    assert a["turn_count"] == 10 and a["latency_max_ms"] == 75000
+    assert a["latency_hist"] == await admin_conn.fetchval("SELECT app.latency_hist($1::int[])",
+                                                          latencies)
+    assert a["last_turn_at"] is not None and b["last_turn_at"] is not None
+    assert before is not None and after is not None
+    assert before.month_turns == 10 and after.month_turns == 20
+
+
+async def test_a_new_month_restarts_the_turn_meter(
+    dl: DataLayer, tenant: Tenant, add_member: MemberFactory, admin_conn: asyncpg.Connection,
+) -> None:
+    """A meter last written in an earlier month counts from 1 again (single-row path) and
+    from the batch size (batch path); the all-time total keeps counting."""
+    me = await add_member(tenant, "member")
+    async with dl.session(me) as db:
+        s = await db.conversations.start()
+        await db.conversations.append_turn(s.id, input_text="q", response_text="a")
+    for batch in (1, 3):
+        await admin_conn.execute(
+            "UPDATE twin_usage SET month = month - interval '1 month', month_turns = 499 "
+            "WHERE org_id = $1 AND user_id = $2", tenant.org_id, me.user_id)
+        async with dl.session(me) as db:
+            await db.connection.execute(
+                "INSERT INTO conversation_turns (org_id, session_id, user_id, input_text, "
+                "response_text, total_ms) SELECT app.org_id(), $1, app.user_id(), 'q', 'a', 5 "
+                "FROM generate_series(1, $2)", s.id, batch)
+            usage = await db.models.usage()
+        assert usage is not None and usage.month_turns == batch
+    assert usage.total_turns == 5
+
+
 async def test_ended_session_refuses_turns(dl: DataLayer, tenant: Tenant) -> None:
     async with dl.session(tenant.owner) as db:
         s = await db.conversations.start()

@@ -174,7 +174,7 @@ async def test_a_new_month_restarts_the_turn_meter(
                 "FROM generate_series(1, $2)", s.id, batch)
             usage = await db.models.usage()
         assert usage is not None and usage.month_turns == batch
-    assert usage.total_turns == 5
+    assert usage is not None and usage.total_turns == 5
 
 
 async def test_ended_session_refuses_turns(dl: DataLayer, tenant: Tenant) -> None:

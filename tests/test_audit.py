@@ -101,6 +101,45 @@ async def test_skipped_columns_are_listed_without_values_and_noop_updates_write_
     assert (await verify_chain(dl, t.org_id)).ok
 
 
+async def test_update_capture_compares_each_column_by_its_type(
+        dl: DataLayer, make_tenant: TenantFactory, add_member: MemberFactory) -> None:
+    """The compiled per-column comparisons: an array column (compared as text), a jsonb
+    column rewritten with another key order (equal: nothing written), a secret-only change
+    (named, no values), and a personal column split out of before/after."""
+    t = await make_tenant()
+    member = await add_member(t, "member")
+    uid = member.user_id
+    async with dl.system() as db:
+        conn = db.connection
+        await conn.execute("UPDATE users SET preferences = '{\"a\": 1, \"b\": 2}', "
+                           "personality_traits = '{calm}' WHERE id = $1", uid)
+        start = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM data_changes "
+                                    "WHERE org_id = $1", GLOBAL_ORG)
+        for sql in ("UPDATE users SET preferences = '{\"b\": 2, \"a\": 1}' WHERE id = $1",
+                    "UPDATE users SET personality_traits = '{calm,kind}' WHERE id = $1",
+                    "UPDATE users SET password_hash = 'not-a-real-hash' WHERE id = $1",
+                    "UPDATE users SET subscription_tier = 'pro', first_name = 'Zed' "
+                    "WHERE id = $1"):
+            await conn.execute(sql, uid)
+        rows = await conn.fetch(
+            "SELECT changed_columns, before, after, personal, pii_salt IS NOT NULL AS salted "
+            "FROM data_changes WHERE org_id = $1 AND table_name = 'users' AND seq > $2 "
+            "AND row_pk = jsonb_build_object('id', $3::uuid) ORDER BY seq",
+            GLOBAL_ORG, start, uid)
+    assert [r["changed_columns"] for r in rows] == [
+        ["personality_traits"], ["password_hash"], ["first_name", "subscription_tier"]]
+    traits, secret, tier = rows
+    assert traits["personal"] == {"before": {"personality_traits": ["calm"]},
+                                  "after": {"personality_traits": ["calm", "kind"]}}
+    assert traits["salted"] and traits["before"] == {} and traits["after"] == {}
+    assert secret["before"] is None and secret["after"] is None
+    assert secret["personal"] is None and not secret["salted"]
+    assert tier["before"] == {"subscription_tier": "free"}
+    assert tier["after"] == {"subscription_tier": "pro"}
+    assert tier["personal"] == {"before": {}, "after": {"first_name": "Zed"}}  # was NULL
+    assert (await verify_chain(dl, GLOBAL_ORG)).ok
+
+
 async def test_secret_values_never_reach_change_rows(
         dl: DataLayer, make_tenant: TenantFactory, add_member: MemberFactory,
         admin_conn: asyncpg.Connection) -> None:

@@ -51,25 +51,25 @@ FROM docs d CROSS JOIN generate_series(1, $4) AS s
 # The function's query with the context bound as parameters ($3 org, $4 user).
 _RAW = """
 WITH q AS (SELECT websearch_to_tsquery('english'::regconfig, $1) AS q),
+gone AS (
+  SELECT coalesce(array_agg(d.id), '{}') AS ids FROM knowledge_documents d
+  WHERE d.org_id = $3::uuid AND d.user_id = $4::uuid AND d.deleted_at IS NOT NULL
+),
 hits AS MATERIALIZED (
-  SELECT c.org_id, c.id, c.document_id, c.seq, c.heading, c.content, c.token_count,
-         ts_rank_cd(c.tsv, q.q) AS rank
-  FROM knowledge_chunks c, q
+  SELECT c.org_id, c.id, c.document_id, ts_rank_cd(c.tsv, q.q) AS rank
+  FROM knowledge_chunks c, q, gone
   WHERE c.tsv @@ q.q AND c.org_id::text = $3::uuid::text AND c.user_id::text = $4::uuid::text
+    AND c.document_id <> ALL (gone.ids)
 ), top AS (
-  SELECT h.id, h.document_id, h.seq, h.heading, h.content, h.token_count, h.rank, d.title,
-         d.source, d.mime_type
-  FROM hits h
-  JOIN knowledge_documents d ON d.org_id = h.org_id AND d.id = h.document_id
-  WHERE d.deleted_at IS NULL
-  ORDER BY h.rank DESC, h.id
-  LIMIT $2
+  SELECT h.org_id, h.id, h.document_id, h.rank FROM hits h ORDER BY h.rank DESC, h.id LIMIT $2
 )
-SELECT top.id, top.document_id, top.seq, top.heading, top.content, top.token_count, top.rank,
-       ts_headline('english'::regconfig, top.content, q.q,
+SELECT c.id, c.document_id, c.seq, c.heading, c.content, c.token_count, top.rank,
+       ts_headline('english'::regconfig, c.content, q.q,
                    'MaxFragments=2, MinWords=5, MaxWords=18, StartSel=[, StopSel=]'),
-       top.title, top.source, top.mime_type
-FROM top, q
+       d.title, d.source, d.mime_type
+FROM top
+JOIN knowledge_chunks c ON c.org_id = top.org_id AND c.id = top.id
+JOIN knowledge_documents d ON d.org_id = top.org_id AND d.id = top.document_id, q
 ORDER BY top.rank DESC, top.id
 """
 

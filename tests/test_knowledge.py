@@ -152,6 +152,29 @@ async def test_search_is_weighted_ranked_highlighted_and_skips_deleted(
     assert n == 0
 
 
+async def test_deleted_documents_do_not_take_the_top_places(
+    dl: DataLayer, tenant: Tenant,
+) -> None:
+    """The best matches sit in deleted documents: the places they would take go to the
+    next live chunks, in rank order, and the limit is still filled."""
+    strong = await ingest(dl, tenant.owner, "Strong", "strong doc", [
+        "Kettle kettle kettle: the kettle boils.", "Kettle kettle again."])
+    weak = await ingest(dl, tenant.owner, "Weak", "weak doc", [
+        "A kettle on the stove and bread.", "Tea without a kettle is cold.",
+        "Nothing about it here."])
+    async with dl.session(tenant.owner) as db:
+        before = await db.knowledge.search("kettle", limit=2)
+        assert [h.document_id for h in before] == [strong, strong]
+        await db.knowledge.delete(strong)
+        after = await db.knowledge.search("kettle", limit=2)
+        assert [h.document_id for h in after] == [weak, weak]
+        assert after[0].rank is not None and after[1].rank is not None
+        assert after[0].rank >= after[1].rank and after[0].title == "Weak"
+        assert len(await db.knowledge.search("kettle", limit=1)) == 1
+        await db.knowledge.restore(strong)
+        assert await db.knowledge.search("kettle", limit=2) == before
+
+
 async def test_search_uses_the_gin_index_under_rls(
     dl: DataLayer, tenant: Tenant, admin_conn: asyncpg.Connection,
 ) -> None:

@@ -154,6 +154,46 @@ async def test_one_turn_and_batch_paths_keep_the_same_metrics(
     assert before.month_turns == 10 and after.month_turns == 20
 
 
+async def test_concurrent_appends_keep_metrics_equal_to_the_turns(
+    dl: DataLayer, tenant: Tenant, admin_conn: asyncpg.Connection,
+) -> None:
+    """Twenty appends to one session from concurrent sessions, mixed with a batch: the
+    session's metrics equal what its turns add up to (no lost update on the session row or
+    the meter)."""
+    async with dl.session(tenant.owner) as db:
+        s = await db.conversations.start()
+
+    async def append(i: int) -> None:
+        async with dl.session(tenant.owner) as db:
+            await db.conversations.append_turn(s.id, input_text=f"q{i}", response_text="a",
+                                               total_ms=37 * i, tokens_in=i, tokens_out=1)
+
+    async def batch() -> None:
+        async with dl.session(tenant.owner) as db:
+            await db.connection.execute(
+                "INSERT INTO conversation_turns (org_id, session_id, user_id, input_text, "
+                "response_text, total_ms, tokens_in, tokens_out) SELECT app.org_id(), $1, "
+                "app.user_id(), 'b', 'a', 1000 + g, 1, 1 FROM generate_series(1, 5) g", s.id)
+
+    await asyncio.gather(*(append(i) for i in range(20)), batch())
+    got = await admin_conn.fetchrow(
+        "SELECT s.turn_count, s.latency_total_ms, s.latency_max_ms, s.latency_hist, "
+        "s.tokens_in, s.tokens_out, s.last_turn_at, "
+        "(SELECT row(count(*), sum(total_ms), max(total_ms), app.latency_hist(array_agg(total_ms)),"
+        " sum(tokens_in), sum(tokens_out), max(created_at)) FROM conversation_turns t "
+        " WHERE t.org_id = s.org_id AND t.session_id = s.id) AS actual "
+        "FROM conversation_sessions s WHERE s.id = $1", s.id)
+    actual = got["actual"]
+    assert got["turn_count"] == actual[0] == 25
+    assert (got["latency_total_ms"], got["latency_max_ms"], got["latency_hist"]) == (
+        actual[1], actual[2], actual[3])
+    assert (got["tokens_in"], got["tokens_out"], got["last_turn_at"]) == (
+        actual[4], actual[5], actual[6])
+    async with dl.session(tenant.owner, readonly=True) as db:
+        usage = await db.models.usage()
+    assert usage is not None and usage.month_turns == 25
+
+
 async def test_a_new_month_restarts_the_turn_meter(
     dl: DataLayer, tenant: Tenant, add_member: MemberFactory, admin_conn: asyncpg.Connection,
 ) -> None:

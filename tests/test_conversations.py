@@ -183,6 +183,7 @@ async def test_concurrent_appends_keep_metrics_equal_to_the_turns(
         " sum(tokens_in), sum(tokens_out), max(created_at)) FROM conversation_turns t "
         " WHERE t.org_id = s.org_id AND t.session_id = s.id) AS actual "
         "FROM conversation_sessions s WHERE s.id = $1", s.id)
+    assert got is not None
     actual = got["actual"]
     assert got["turn_count"] == actual[0] == 25
     assert (got["latency_total_ms"], got["latency_max_ms"], got["latency_hist"]) == (

@@ -1,4 +1,5 @@
--- Undo 0025_conversation_turns: the turns trigger of 0022 (aggregates for every statement).
+-- Undo 0025_conversation_turns: the turns trigger of 0022 (aggregates for every statement),
+-- and the limit check a definer function with its own search_path again.
 CREATE OR REPLACE FUNCTION app.conversation_turns_after_insert() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS $$
 DECLARE
@@ -37,3 +38,5 @@ BEGIN
 END $$;
 
 DROP FUNCTION app.hist_bump(integer[], integer);
+ALTER FUNCTION app.twin_check_limit(uuid, uuid, text, bigint) SECURITY DEFINER
+  SET search_path = pg_catalog, public, pg_temp;

@@ -1,13 +1,18 @@
 -- depends: 0024_audit_search
 -- Turn appends, the hot path: a statement inserting one turn (every append_turn) takes a
--- fast path in the turns trigger. It reads that row once and updates the session and the
--- turn meter with plain scalars, where the general path (batches, seeding) groups the
--- transition table per session and per user, builds a histogram from an array and calls
--- the limit check as a nested definer function. Measured in-server (a procedure appending
--- 4,000 turns over 100 sessions, one transaction each, asynchronous commit): the append with
--- its trigger went from about 480 to 250 us CPU. Same locks in the same order (session row,
--- then the user's meter row), same errors: the limit error still comes from
--- app.twin_check_limit, called only when the fast check has found the limit passed.
+-- fast path in the turns trigger. It reads that row once and updates the session with plain
+-- scalars, where the general path (batches, seeding) groups the transition table per session
+-- and builds a histogram from an array. Same locks in the same order (session row, then the
+-- user's meter row), same errors.
+--
+-- The meter and the limit stay in one place, app.twin_check_limit, which becomes a plain
+-- invoker function: it is only ever called by the definer trigger functions of 0022 and
+-- this one (they run as datalayer_maint with a fixed search_path, which it now inherits),
+-- and EXECUTE stays revoked from PUBLIC, so datalayer_app still cannot call it. As a definer
+-- function with its own search_path every call switched the role and the path and back.
+-- Measured in-server (a procedure appending 4,000 turns over 100 sessions, one transaction
+-- each, asynchronous commit): the append with its trigger went from about 480 to 250 us CPU.
+ALTER FUNCTION app.twin_check_limit(uuid, uuid, text, bigint) SECURITY INVOKER RESET ALL;
 
 -- p_hist with the bucket of p_ms (app.latency_bounds()) counted once more.
 CREATE FUNCTION app.hist_bump(p_hist integer[], p_ms integer) RETURNS integer[]
@@ -28,9 +33,6 @@ DECLARE
   r record;
   v_sessions integer;
   v_updated integer;
-  v_used bigint;
-  v_limit integer;
-  v_month constant date := date_trunc('month', now() AT TIME ZONE 'UTC')::date;
 BEGIN
   SELECT count(*) OVER () AS n_rows, n.org_id, n.session_id, n.user_id, n.total_ms,
          n.tokens_in, n.tokens_out, n.created_at
@@ -75,24 +77,7 @@ BEGIN
             TABLE = 'conversation_turns';
   END IF;
   IF t.n_rows = 1 THEN
-    -- The meter as app.twin_check_limit keeps it (a plain UPDATE of the existing row).
-    UPDATE twin_usage u
-    SET month_turns = CASE WHEN u.month = v_month THEN u.month_turns + 1 ELSE 1 END,
-        total_turns = u.total_turns + 1,
-        month = v_month,
-        updated_at = now()
-    WHERE u.org_id = t.org_id AND u.user_id = t.user_id
-    RETURNING u.month_turns INTO v_used;
-    IF NOT FOUND THEN  -- the user's first: the general check creates the row
-      PERFORM app.twin_check_limit(t.org_id, t.user_id, 'turns', 1);
-    ELSIF app.org_id() IS NOT NULL THEN  -- maintenance is counted, not limited
-      SELECT l.max_monthly_turns INTO v_limit
-      FROM users s JOIN twin_tier_limits l ON l.tier = s.subscription_tier
-      WHERE s.id = t.user_id;
-      IF v_used > v_limit THEN  -- raises the limit error (adds nothing more)
-        PERFORM app.twin_check_limit(t.org_id, t.user_id, 'turns', 0);
-      END IF;
-    END IF;
+    PERFORM app.twin_check_limit(t.org_id, t.user_id, 'turns', 1);
     RETURN NULL;
   END IF;
   FOR r IN SELECT n.org_id, n.user_id, count(*) AS n FROM new_rows n

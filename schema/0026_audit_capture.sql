@@ -25,8 +25,8 @@ DECLARE
   v_all text;
   v_oldj text;
   v_newj text;
-  v_changed text;
-  v_unchanged text;
+  v_changed_expr text;
+  v_unchanged_expr text;
   v_split text;
   v_body text;
 BEGIN
@@ -93,7 +93,7 @@ BEGIN
                     format('CASE WHEN %s IS NOT DISTINCT FROM %s THEN %L END', l, r, name),
                     ', ' ORDER BY name) FILTER (WHERE NOT skipped) || ']::text[], NULL)',
                   '''{}''::text[]')
-  INTO v_changed, v_unchanged
+  INTO v_changed_expr, v_unchanged_expr
   FROM ops;
   -- Personal columns this table has among its copied ones.
   SELECT array_agg(DISTINCT p.column_name ORDER BY p.column_name) INTO v_personal
@@ -122,6 +122,7 @@ BEGIN
   v_body := format($b$
 DECLARE
   v_changed text[];
+  v_unchanged text[];
   v_b jsonb;
   v_a jsonb;
   v_p jsonb;
@@ -150,9 +151,10 @@ BEGIN
     IF cardinality(v_changed) = 0 THEN
       RETURN NULL;  -- an update that changed nothing
     END IF;
+    v_unchanged := %9$s;
     v_r := %5$s;
-    v_a := nullif(v_r - %9$s, '{}');
-    v_b := nullif(%6$s - %9$s, '{}');
+    v_a := nullif(v_r - v_unchanged, '{}');
+    v_b := nullif(%6$s - v_unchanged, '{}');
   END IF;%3$s
   v_org := coalesce(%1$s, app.org_id(), '00000000-0000-0000-0000-000000000000'::uuid);
   v_pk := %2$s;
@@ -181,7 +183,8 @@ BEGIN
           v_changed, %4$s, v_b, v_a, v_p, v_salt, v_cmt, v_prev, v_hash);
   RETURN NULL;
 END
-$b$, v_org, v_pk, v_split, v_frameworks, v_newj, v_oldj, v_changed, v_all, v_unchanged);
+$b$, v_org, v_pk, v_split, v_frameworks, v_newj, v_oldj, v_changed_expr, v_all,
+   v_unchanged_expr);
   EXECUTE format(
     'CREATE OR REPLACE FUNCTION %s() RETURNS trigger '
     'LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS %s',

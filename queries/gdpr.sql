@@ -73,3 +73,12 @@ LIMIT :limit;
 -- name: visible_ip :scalar
 -- An IP address as the context may see it for user :user_id (masked below admin).
 SELECT app.visible_ip(:ip::inet, :user_id::uuid);
+
+-- name: audit_about :many
+-- Export: the audit events about or by :user_id that the session may see (RLS: a tenant
+-- session's organization, and only roles that may read the audit trail; :org_id narrows to
+-- one organization), without the chain's hashes and salts.
+SELECT to_jsonb(e) - '{prev_hash,row_hash,pii_salt,pii_commit}'::text[] AS data
+FROM audit_events e
+WHERE (:org_id::uuid IS NULL OR e.org_id = :org_id::uuid)
+  AND (e.subject_user_id = :user_id::uuid OR e.actor_user_id = :user_id::uuid);

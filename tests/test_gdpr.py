@@ -541,6 +541,10 @@ async def test_members_below_admin_see_masked_emails(
         assert {m.user_id: m.email for m in await db.gdpr.members()} == real
     async with dl.session(alice, readonly=True) as db:
         assert await db.gdpr.visible_ip("192.0.2.77", uid(bob)) == "192.0.2.0/24"
+        with pytest.raises(ValidationError, match="IPv4 or IPv6") as bad_ip:
+            await db.gdpr.visible_ip("192.0.2.999", uid(bob))
+        assert "192.0.2.999" not in str(bad_ip.value)  # an address is personal data
+        assert bad_ip.value.__cause__ is None
         page = await db.gdpr.members(limit=2)
         rest = await db.gdpr.members(after=(page[-1].joined_at, page[-1].user_id))
     assert len(page) == 2 and len(rest) == 2

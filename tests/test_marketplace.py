@@ -58,7 +58,7 @@ async def test_listings_are_searchable_across_organizations_when_listed(
                 .items] == [tpl.id]
     async with dl.session(seller.owner, readonly=True) as db:  # its own drafts too
         assert draft in {h.id for h in (await db.marketplace.search(word)).items}
-    for bad in ("-1", "1.999"):
+    for bad in ("-1", "1.999", "abc", "NaN", "Infinity"):
         with pytest.raises(ValidationError, match="price"):
             async with dl.session(seller.owner) as db:
                 await db.marketplace.create_listing("x", plugin_id=uuid.uuid4(), price=bad)

@@ -89,6 +89,8 @@ async def test_retention_drops_whole_partitions(dl: DataLayer,
         "SELECT to_regclass('metrics.' || $1) IS NOT NULL",
         f"points_p{datetime.now(UTC):%Y%m%d}")
     async with dl.system() as db:
+        with pytest.raises(ValidationError, match=r"'test\.bad': value must be a number"):
+            await db.metrics.record([Point("test.ok", 1.0), Point("test.bad", "n/a")])  # type: ignore[arg-type]
         with pytest.raises(ValidationError):
             await db.metrics.set_retention("raw", timedelta(0))
         await db.metrics.set_retention("raw", timedelta(days=3))

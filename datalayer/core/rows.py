@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 __all__ = ["RowQuery"]
 
 T = TypeVar("T")
 
 
-def _builder(cls: type[T]) -> Callable[[Mapping[str, Any]], T]:
+class Columns(Protocol):
+    """What a builder reads: columns by name (an asyncpg Record, or a mapping)."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
+def _builder(cls: type[T]) -> Callable[[Columns], T]:
     """A function that builds ``cls`` from a record by column name, generated once.
 
     Row classes are frozen, slotted dataclasses without ``__post_init__``, so the fields can
@@ -24,7 +30,7 @@ def _builder(cls: type[T]) -> Callable[[Mapping[str, Any]], T]:
     slotted = "__slots__" in vars(cls) and not hasattr(cls, "__post_init__")
     if not slotted:
         args = ", ".join(f"{n}=r[{n!r}]" for n in names)
-        build: Callable[[Mapping[str, Any]], T] = eval(  # noqa: S307
+        build: Callable[[Columns], T] = eval(  # noqa: S307
             f"lambda r: cls({args})", {"cls": cls})
         return build
     scope: dict[str, Any] = {"new": object.__new__, "cls": cls}
@@ -34,7 +40,7 @@ def _builder(cls: type[T]) -> Callable[[Mapping[str, Any]], T]:
         lines.append(f"    set{i}(o, r[{n!r}])")
     lines.append("    return o")
     exec("\n".join(lines), scope)  # noqa: S102
-    built: Callable[[Mapping[str, Any]], T] = scope["build"]
+    built: Callable[[Columns], T] = scope["build"]
     return built
 
 
@@ -48,7 +54,7 @@ class RowQuery(Generic[T]):
 
     name: str
     row: type[T]
-    build: Callable[[Mapping[str, Any]], T] = field(init=False, repr=False, compare=False)
+    build: Callable[[Columns], T] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not dataclasses.is_dataclass(self.row):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,7 +14,8 @@ from datalayer.core.errors import ValidationError
 if TYPE_CHECKING:
     from datalayer.core.session import Session
 
-__all__ = ["FIRST", "LAST", "MAX_PAGE", "Page", "Repository", "check_limit", "page_of"]
+__all__ = ["FIRST", "LAST", "MAX_PAGE", "Page", "Repository", "check_ip", "check_limit",
+           "page_of"]
 
 T = TypeVar("T")
 MAX_PAGE = 1000
@@ -31,10 +33,22 @@ class Page(Generic[T]):
     next: tuple[Any, ...] | None
 
 
-def check_limit(limit: int) -> int:
-    if not 1 <= limit <= MAX_PAGE:
-        raise ValidationError(f"limit must be between 1 and {MAX_PAGE}")
+def check_limit(limit: int, maximum: int = MAX_PAGE) -> int:
+    """``limit`` if it is between 1 and ``maximum`` (searches cap lower than lists)."""
+    if not 1 <= limit <= maximum:
+        raise ValidationError(f"limit must be between 1 and {maximum}")
     return limit
+
+
+def check_ip(value: str | None, what: str) -> str | None:
+    """``value`` as a normalized IPv4/IPv6 address, None for None. The error does not repeat
+    the value (an address is personal data)."""
+    if value is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValidationError(f"{what} must be an IPv4 or IPv6 address") from None
 
 
 def page_of(items: list[T], limit: int, key: Callable[[T], tuple[Any, ...]]) -> Page[T]:

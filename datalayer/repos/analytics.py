@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from datalayer.core.errors import ValidationError
 from datalayer.core.rows import RowQuery
-from datalayer.repos._base import Repository
+from datalayer.repos._base import Repository, check_limit
 
 if TYPE_CHECKING:
     from datalayer.core.database import DataLayer
@@ -142,12 +142,6 @@ def last_days(days: int) -> tuple[date, date]:
     return end - timedelta(days=days - 1), end
 
 
-def _limit(limit: int) -> int:
-    if not 1 <= limit <= 100:
-        raise ValidationError("limit must be between 1 and 100")
-    return limit
-
-
 class Analytics(Repository):
     """``db.analytics``: figures of the context's organization (tenant sessions)."""
 
@@ -181,13 +175,13 @@ class Analytics(Repository):
                           limit: int = 10) -> builtins.list[FailingWorkflow]:
         f, t = check_range(from_day, to_day)
         return await self._db.fetch_many(TOP_FAILING, from_day=f, to_day=t,
-                                         limit=_limit(limit))
+                                         limit=check_limit(limit, 100))
 
     async def busiest_hours(self, from_day: date, to_day: date, *,
                             limit: int = 24) -> builtins.list[HourFigures]:
         f, t = check_range(from_day, to_day)
         return await self._db.fetch_many(BUSIEST_HOURS, from_day=f, to_day=t,
-                                         limit=min(_limit(limit), 24))
+                                         limit=min(check_limit(limit, 100), 24))
 
     async def dashboard(self, *, days: int = 30, top: int = 5) -> Dashboard:
         """Totals, executions per day, top failing workflows and busiest hours over the

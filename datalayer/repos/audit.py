@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from datalayer.core.errors import ValidationError
 from datalayer.core.rows import RowQuery
-from datalayer.repos._base import LAST, Page, Repository, check_limit, page_of
+from datalayer.repos._base import LAST, Page, Repository, check_ip, check_limit, page_of
 
 if TYPE_CHECKING:
     from datalayer.core.database import DataLayer
@@ -193,7 +193,7 @@ class Audit(Repository):
                 RECORD_SYSTEM, org_id=org_id, action=action, result=result,
                 actor_user_id=actor_user_id, subject_user_id=subject_user_id,
                 resource_type=resource_type, resource_id=rid,
-                ip=None if ip is None else ipaddress.ip_address(ip), user_agent=user_agent,
+                ip=check_ip(ip, "ip"), user_agent=user_agent,
                 request_id=request_id, details=dict(details or {}),
                 personal=None if personal is None else dict(personal))
         assert event is not None
@@ -207,7 +207,7 @@ class Audit(Repository):
         ctx = self._db.context
         return int(await self._db.scalar(
             "audit.auth_event", user_id=user_id, action=action, result=result,
-            ip=None if ctx is None or ctx.ip is None else ipaddress.ip_address(ctx.ip),
+            ip=None if ctx is None else ctx.ip,  # validated and normalized by Context
             user_agent=None if ctx is None else ctx.user_agent, details=dict(details or {})))
 
     async def by_resource(self, resource_type: str, resource_id: object, *,

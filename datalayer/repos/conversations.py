@@ -128,8 +128,6 @@ TURNS = RowQuery("conversations.turns", Turn)
 STATS = RowQuery("conversations.stats", ConversationStats)
 ORG_STATS = RowQuery("conversations.org_stats", MemberStats)
 
-_SESSION_FIELDS = tuple(f for f in Conversation.__dataclass_fields__)
-
 
 def _ms(name: str, value: int | None) -> int | None:
     if value is not None and (not isinstance(value, int) or value < 0):
@@ -160,11 +158,13 @@ class Conversations(Repository):
         """The session and its last ``turns`` turns (oldest first): one round trip."""
         if not 1 <= turns <= MAX_TURNS:
             raise ValidationError(f"turns must be between 1 and {MAX_TURNS}")
-        row = await self._db.fetch_one(WITH_TURNS, id=session_id, turns=turns)
-        if row is None:
+        # The record as it comes (WITH_TURNS names the query and its columns for the schema
+        # test): the session fields build a Conversation directly, no intermediate row.
+        rec = await self._db.one(WITH_TURNS.name, id=session_id, turns=turns)
+        if rec is None:
             return None
         build = APPEND_TURN.build
-        return SessionWithTurns(GET.build(_as_mapping(row)), [build(t) for t in row.turns])
+        return SessionWithTurns(GET.build(rec), [build(t) for t in rec["turns"]])
 
     async def recent(self, *, limit: int = 20,
                      before: tuple[Any, ...] | None = None) -> Page[Conversation]:
@@ -230,6 +230,3 @@ class Conversations(Repository):
         (``PermissionDenied`` for other roles)."""
         return await self._db.fetch_many(ORG_STATS, from_at=from_at, to_at=to_at)
 
-
-def _as_mapping(row: _WithTurnsRow) -> dict[str, Any]:
-    return {name: getattr(row, name) for name in _SESSION_FIELDS}

@@ -16,27 +16,24 @@ migration and is then exported and erased with no code change here. Scope:
   has no organization);
 * ``dl.system()``: everything, every organization.
 
-The audit trail (``audit_events``, ``data_changes``) is another helper's schema: this
-module reaches it only through the hooks marked ``AUDIT HOOK`` below, which check that it
-exists and skip otherwise.
+Exports list the audit events about the subject that the session may read; exports and
+erasures are themselves audited (``db.audit``).
 """
 
 from __future__ import annotations
 
 import builtins
 import hashlib
-import ipaddress
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import asyncpg
-
 from datalayer.cache import lookups
-from datalayer.core.errors import DataLayerError, ValidationError, translate
+from datalayer.core.errors import ValidationError
 from datalayer.core.rows import RowQuery
-from datalayer.repos._base import FIRST, Repository, check_limit
+from datalayer.repos._base import FIRST, Repository, check_ip, check_limit
+from datalayer.repos.audit import GLOBAL_ORG
 
 if TYPE_CHECKING:
     from datalayer.core.session import Session
@@ -155,11 +152,7 @@ class Gdpr(Repository):
     async def visible_ip(self, ip: str, user_id: uuid.UUID) -> str | None:
         """``ip`` (of user ``user_id``) as the context may see it: itself for the user and
         for admins, its /24 (IPv4) or /48 (IPv6) network for everyone else."""
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError as exc:
-            raise ValidationError("ip must be an IPv4 or IPv6 address") from exc
-        shown: str | None = await self._db.scalar("gdpr.visible_ip", ip=str(addr),
+        shown: str | None = await self._db.scalar("gdpr.visible_ip", ip=check_ip(ip, "ip"),
                                                   user_id=user_id)
         return shown
 
@@ -230,7 +223,7 @@ class Gdpr(Repository):
         ctx = db.context
         rows = await db.many("gdpr.erase_all" if ctx is None else "gdpr.erase",
                              user_id=user_id)
-        # The audit trail is redacted inside the same function (AUDIT HOOK in
+        # The audit trail is redacted inside the same function (in
         # schema/0016_gdpr.sql: app.audit_redact_subject is for the maintenance role only);
         # it reports itself as the row ('audit', 'redact_subject').
         redacted = any(r["table_name"] == "audit" for r in rows)
@@ -251,49 +244,23 @@ class Gdpr(Repository):
         return Erasure(user_id, pseudonym(user_id), org, affected, profile, redacted)
 
 
-# -- AUDIT HOOKS ------------------------------------------------------------------------------
-# The only places this module touches the audit trail (another helper's half of issue 7),
-# besides the redaction inside app.gdpr_erase_in (schema/0016_gdpr.sql). Each checks that
-# the audit trail exists and does nothing otherwise, so the GDPR schema works on its own and
-# picks the audit trail up once both are merged. Contract: table audit_events(org_id, …,
-# actor_user_id, subject_user_id, action, …) under RLS, and the session repository
-# ``db.audit`` with ``record(action, *, subject_user_id=…, org_id=…, actor_user_id=…)``.
-
-async def _raw(db: Session, sql: str, *args: object) -> list[asyncpg.Record]:
-    try:
-        rows: list[asyncpg.Record] = await db.connection.fetch(sql, *args)
-    except asyncpg.PostgresError as exc:
-        err = translate(exc, "gdpr audit hook")
-        raise (err or DataLayerError("gdpr audit hook failed")) from exc
-    return rows
-
+# -- audit trail ----------------------------------------------------------------------------
+# The audit trail, as the export and erasure use it (the redaction itself is inside
+# app.gdpr_erase_in, schema/0016_gdpr.sql).
 
 async def _audit_about(db: Session, user_id: uuid.UUID) -> list[dict[str, Any]]:
-    """AUDIT HOOK (export): the audit events about or by the subject that the session may
-    see (RLS: a tenant session's organization, and only roles that may read the audit
-    trail), without the chain's hashes and salts."""
-    (has,) = await _raw(db, "SELECT to_regclass('public.audit_events') IS NOT NULL AS ok")
-    if not has["ok"]:
-        return []
+    """The audit events about or by the subject that the session may see."""
     ctx = db.context
-    rows = await _raw(
-        db, "SELECT to_jsonb(e) - '{prev_hash,row_hash,pii_salt,pii_commit}'::text[] AS data "
-            "FROM audit_events e "
-            "WHERE ($2::uuid IS NULL OR e.org_id = $2) "
-            "AND (e.subject_user_id = $1 OR e.actor_user_id = $1)",
-        user_id, None if ctx is None else ctx.org_id)
+    rows = await db.many("gdpr.audit_about", user_id=user_id,
+                         org_id=None if ctx is None else ctx.org_id)
     return [r["data"] for r in rows]
 
 
 async def _audit_record(db: Session, action: str, user_id: uuid.UUID) -> None:
-    """AUDIT HOOK (export, erasure): the audit event of the request, through the audit
-    repository once it exists (``db.audit``): in the context organization, or, from
+    """The audit event of the request: in the context organization, or, from
     ``dl.system()``, in the chain of rows without an organization."""
-    audit = getattr(db, "audit", None)
-    if audit is None:
-        return
     ctx = db.context
     if ctx is None:
-        await audit.record(action, org_id=uuid.UUID(int=0), subject_user_id=user_id)
+        await db.audit.record(action, org_id=GLOBAL_ORG, subject_user_id=user_id)
     elif ctx.org_id is not None:
-        await audit.record(action, subject_user_id=user_id)
+        await db.audit.record(action, subject_user_id=user_id)

@@ -49,7 +49,6 @@ __all__ = [
 ]
 
 SOURCES = ("upload", "url", "note")
-MAX_SEARCH = 100
 MAX_ATTEMPTS = 5
 
 
@@ -164,7 +163,6 @@ MARK_FAILED = RowQuery("knowledge.mark_failed", Document)
 REAP = RowQuery("knowledge.reap", _Reaped)
 SEARCH = RowQuery("knowledge.search", SearchHit)
 
-_DOC_FIELDS = tuple(Document.__dataclass_fields__)
 
 
 def checksum_of(content: str | bytes) -> bytes:
@@ -192,13 +190,13 @@ class Knowledge(Repository):
                 size_bytes = len(content.encode())
         if checksum is None or len(checksum) != 32:
             raise ValidationError("a document needs its content or a 32-byte sha256 checksum")
-        row = await self._db.fetch_one(
-            CREATE, title=title, source=source, source_uri=source_uri, mime_type=mime_type,
-            size_bytes=size_bytes or 0, checksum=checksum, content=content)
-        if row is None:
+        rec = await self._db.one(
+            CREATE.name, title=title, source=source, source_uri=source_uri,
+            mime_type=mime_type, size_bytes=size_bytes or 0, checksum=checksum,
+            content=content)
+        if rec is None:
             raise NotFound("document not created", query=CREATE.name)
-        doc = GET.build({n: getattr(row, n) for n in _DOC_FIELDS})
-        return Ingested(doc, bool(row.created))
+        return Ingested(GET.build(rec), bool(rec["created"]))
 
     async def get(self, document_id: uuid.UUID) -> Document | None:
         return await self._db.fetch_one(GET, id=document_id)
@@ -290,9 +288,7 @@ class Knowledge(Repository):
     async def search(self, query: str, *, limit: int = 10) -> builtins.list[SearchHit]:
         """The context user's best-matching chunks of live documents (web-search syntax:
         words, "phrases", -exclusions, or), best first, with snippets."""
-        if not 1 <= limit <= MAX_SEARCH:
-            raise ValidationError(f"limit must be between 1 and {MAX_SEARCH}")
-        return await self._db.fetch_many(SEARCH, query=query, limit=limit)
+        return await self._db.fetch_many(SEARCH, query=query, limit=check_limit(limit, 100))
 
 
 async def reap_documents(dl: DataLayer) -> dict[str, int]:

@@ -106,8 +106,12 @@ PAYOUTS = RowQuery("marketplace.payouts", Payout)
 
 
 def _money(price: Decimal | str | int, currency: str) -> Decimal:
-    p = Decimal(str(price))
-    if p < 0 or p != p.quantize(Decimal("0.01")):
+    try:
+        p = Decimal(str(price))
+        ok = p.is_finite() and p >= 0 and p == p.quantize(Decimal("0.01"))
+    except ArithmeticError:  # not a number at all (decimal.InvalidOperation)
+        ok = False
+    if not ok:
         raise ValidationError("price must be a non-negative amount with at most 2 decimals")
     if len(currency) != 3 or not currency.isalpha() or not currency.isupper():
         raise ValidationError("currency must be an ISO 4217 code like USD")
@@ -159,8 +163,7 @@ class Marketplace(Repository):
                      category: str | None = None, featured: bool | None = None,
                      after: tuple[float, uuid.UUID] | None = None,
                      limit: int = 20) -> Page[ListingHit]:
-        if not 1 <= limit <= 100:
-            raise ValidationError("limit must be between 1 and 100")
+        check_limit(limit, 100)
         rank, after_id = after if after is not None else (0.0, None)
         rows = await self._db.fetch_many(SEARCH, query=query, kind=kind, category=category,
                                          featured=featured, after_rank=rank,

@@ -90,12 +90,15 @@ class Metrics(Repository):
         times: list[datetime] = []
         values: list[float] = []
         for p in points:
+            if len(names) == MAX_BATCH:
+                raise ValidationError(f"record at most {MAX_BATCH} points per call")
+            try:
+                values.append(float(p.value))
+            except (TypeError, ValueError):
+                raise ValidationError(f"metric {p.name!r}: value must be a number") from None
             names.append(p.name)
             labels.append(dict(p.labels))
             times.append(p.time or now)
-            values.append(float(p.value))
-        if len(names) > MAX_BATCH:
-            raise ValidationError(f"record at most {MAX_BATCH} points per call")
         if not names:
             return 0
         return await self._db.execrows("metrics.record", names=names, labels=labels,

@@ -32,7 +32,7 @@ from redis.exceptions import RedisError
 from datalayer.core.errors import Unavailable, ValidationError
 from datalayer.core.rows import RowQuery
 from datalayer.live import Feed
-from datalayer.repos._base import LAST, Repository, check_limit
+from datalayer.repos._base import LAST, Repository, check_limit, page_of
 
 if TYPE_CHECKING:
 
@@ -179,11 +179,10 @@ class Notifications(Repository):
         rows = await self._db.many("notifications.list", before_created_at=at, before_id=nid,
                                    limit=check_limit(limit), unread_only=unread_only)
         build = _BUILD
-        items = [build(r) for r in rows if r["id"] is not None]  # type: ignore[arg-type]
+        items = [build(r) for r in rows if r["id"] is not None]
         unread: int = rows[0]["unread"] if rows else 0
-        last = items[-1] if len(items) == limit else None
         return NotificationList(items, unread,
-                                None if last is None else (last.created_at, last.id))
+                                page_of(items, limit, lambda n: (n.created_at, n.id)).next)
 
     async def get(self, notification_id: uuid.UUID) -> Notification | None:
         """One of the context user's notifications (None for anyone else's)."""

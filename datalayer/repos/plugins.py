@@ -491,8 +491,7 @@ class Plugins(Repository):
         ``query``: by quality score. When the words match nothing and ``typo_tolerant``, the
         names most similar to ``query`` (pg_trgm; a second round trip). Keyset-paginated:
         pass ``page.next`` as ``after``."""
-        if not 1 <= limit <= 100:
-            raise ValidationError("limit must be between 1 and 100")
+        check_limit(limit, 100)
         if query is not None and len(query) > 200:
             raise ValidationError("query must be at most 200 characters")
         rank, after_id = after if after is not None else (0.0, None)

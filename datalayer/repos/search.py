@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from datalayer.core.errors import ValidationError
 from datalayer.core.rows import RowQuery
-from datalayer.repos._base import Repository
+from datalayer.repos._base import Repository, check_limit
 
 if TYPE_CHECKING:
     from typing import Any
@@ -88,8 +88,7 @@ class Search(Repository):
         without pg_trgm is ignored)."""
         if not isinstance(text, str):
             raise ValidationError("search text must be a string")
-        if not 1 <= limit <= MAX_LIMIT:
-            raise ValidationError(f"limit must be between 1 and {MAX_LIMIT}")
+        check_limit(limit, MAX_LIMIT)
         text = text[:MAX_TEXT]
         if not text.strip():
             return []

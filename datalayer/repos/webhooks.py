@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from datalayer.core.errors import DataLayerError, NotFound, ValidationError
 from datalayer.core.rows import RowQuery
-from datalayer.repos._base import LAST, Page, Repository, check_limit, page_of
+from datalayer.repos._base import LAST, Page, Repository, check_ip, check_limit, page_of
 from datalayer.repos.executions import check_lease, check_worker_id
 
 if TYPE_CHECKING:
@@ -259,15 +259,6 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
     return None
 
 
-def _ip(source_ip: str | None) -> str | None:
-    if source_ip is None:
-        return None
-    try:
-        return str(ipaddress.ip_address(source_ip))
-    except ValueError:
-        raise ValidationError("source_ip must be an IPv4 or IPv6 address") from None
-
-
 def _key(idempotency_key: str) -> str:
     if not isinstance(idempotency_key, str) or not 1 <= len(idempotency_key) <= 200:
         raise ValidationError("idempotency_key must be a string of 1-200 characters")
@@ -374,7 +365,7 @@ class Webhooks(Repository):
         row = await self._db.fetch_one(
             INGEST, org_id=org_id, webhook_id=webhook_id, idempotency_key=key,
             event_type=event_type, payload=payload, headers=redact_headers(headers),
-            source_ip=_ip(source_ip))
+            source_ip=check_ip(source_ip, "source_ip"))
         if row is not None:
             return Ingested(row, True)
         # Either a duplicate (ON CONFLICT waited for the first delivery to commit, and this
@@ -397,7 +388,7 @@ class Webhooks(Repository):
             event_types=[e.event_type for e in events],
             payloads=[{} if e.payload is None else e.payload for e in events],
             headers=[redact_headers(e.headers) for e in events],
-            source_ips=[_ip(e.source_ip) for e in events])
+            source_ips=[check_ip(e.source_ip, "source_ip") for e in events])
         return n
 
     async def get_event(self, event_id: uuid.UUID, *,

@@ -132,10 +132,6 @@ async def _capture_raw(b: BenchContext, s: CaptureState, i: int) -> None:
     await _write(s.plain, s, i)
 
 
-async def _capture_extra(b: BenchContext, s: CaptureState) -> dict[str, Any]:
-    return {"ratio_target": 1.40}
-
-
 # -- query by resource -----------------------------------------------------------------------
 
 @dataclass
@@ -263,8 +259,7 @@ async def _verify_extra(b: BenchContext, s: VerifyState) -> dict[str, Any]:
 
 
 SCENARIOS = [
-    Scenario("audit.capture_overhead", _capture_setup, _capture, _capture_raw,
-             extra=_capture_extra, target=1.40,
+    Scenario("audit.capture_overhead", _capture_setup, _capture, _capture_raw, target=1.40,
              description="insert + update of a workflow row, with vs without change capture"),
     Scenario("audit.query_by_resource", _query_setup, _query, _query_raw, extra=_query_extra,
              description=f"first page of events of one resource at {SEED_ROWS:,} rows"),

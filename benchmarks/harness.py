@@ -64,10 +64,12 @@ class Scenario:
     is the operation's index (consecutive across all workers, e.g. to pick a tenant).
 
     ``extra(bctx, state)``, if given, is awaited after each concurrency level; its fields
-    are added to that JSON row (e.g. a cache hit rate). ``target`` is the ratio the
-    candidate must stay under (verdict ``ok``/``MISS``). With ``hold_connection`` each
-    worker holds one connection of the raw pool for a whole round, as ``bctx.conn``:
-    for scenarios that measure what runs on a connection, not acquiring one.
+    are added to that JSON row (e.g. a cache hit rate, or an absolute target:
+    ``p99_target_ms``, ``rows_per_s_target``). ``target`` is the ratio the candidate must
+    stay under. The verdict (``ok``/``MISS``) checks every target the row carries. With
+    ``hold_connection`` each worker holds one connection of the raw pool for a whole
+    round, as ``bctx.conn``: for scenarios that measure what runs on a connection, not
+    acquiring one.
     """
 
     name: str
@@ -263,10 +265,19 @@ _COLUMNS = (("scenario", 28, "<"), ("c", 3, ">"), ("ops/s", 9, ">"), ("p50", 8, 
 
 
 def verdict(row: Mapping[str, Any]) -> str:
-    target = row.get("target")
-    if target is None:
+    """``ok`` when the row meets every target it carries, ``MISS`` otherwise, ``-`` without
+    any: the scenario's ratio ``target``, and the absolute targets an ``extra`` reports,
+    ``p99_target_ms`` (p99 under it) and ``rows_per_s_target`` (``rows_per_s`` at least)."""
+    met: list[bool] = []
+    if row.get("target") is not None:
+        met.append(row["ratio"] <= row["target"])
+    if row.get("p99_target_ms") is not None:
+        met.append(row["p99_ms"] < row["p99_target_ms"])
+    if row.get("rows_per_s_target") is not None:
+        met.append(row.get("rows_per_s", 0.0) >= row["rows_per_s_target"])
+    if not met:
         return "-"
-    return "ok" if row["ratio"] <= target else "MISS"
+    return "ok" if all(met) else "MISS"
 
 
 def _line(cells: Iterable[str]) -> str:

@@ -43,6 +43,18 @@ async def test_harness_writes_contract_rows(settings: Settings, tmp_path: Path) 
     assert "session.one.switch_tenant" in err.getvalue()
 
 
+def test_verdict_checks_every_target_the_row_carries() -> None:
+    row = {"ratio": 1.2, "p99_ms": 1.9, "rows_per_s": 150_000.0}
+    assert harness.verdict(row) == "-"
+    assert harness.verdict({**row, "target": 1.4}) == "ok"
+    assert harness.verdict({**row, "target": 1.1}) == "MISS"
+    assert harness.verdict({**row, "target": 1.4, "p99_target_ms": 2.0}) == "ok"
+    assert harness.verdict({**row, "target": 1.4, "p99_target_ms": 1.5}) == "MISS"
+    assert harness.verdict({**row, "p99_target_ms": 1.9}) == "MISS"  # p99 under the target
+    assert harness.verdict({**row, "rows_per_s_target": 100_000}) == "ok"
+    assert harness.verdict({**row, "rows_per_s_target": 200_000}) == "MISS"
+
+
 def test_unknown_scenario_names_the_known_ones() -> None:
     with pytest.raises(ValidationError, match=r"unknown scenario 'nope'.*registry\.one"):
         harness.select(harness.discover(), ["nope"])

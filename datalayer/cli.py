@@ -25,6 +25,7 @@ from datalayer.core import migrations
 from datalayer.core.database import DataLayer
 from datalayer.core.errors import DataLayerError
 from datalayer.core.resources import resource_dir
+from datalayer.core.session import guarded
 from datalayer.settings import Settings
 
 __all__ = ["main"]
@@ -325,9 +326,9 @@ async def _gdpr(args: argparse.Namespace) -> int:
         else:
             org, requester = uid(args.org, "--org"), uid(args.as_user, "--as")
             async with dl.system() as sysdb:
-                role = await sysdb.connection.fetchval(
+                role = await guarded(sysdb.connection.fetchval(
                     "SELECT role FROM memberships WHERE org_id = $1 AND user_id = $2",
-                    org, requester)
+                    org, requester), "gdpr --as membership")
             if role is None:
                 raise DataLayerError("--as is not a member of --org")
             scope = dl.session(Context(org, user_id=requester, role=role))

@@ -82,13 +82,7 @@ async def listen_connection(dl: DataLayer, channel: str,
     """A dedicated PostgreSQL connection LISTENing on ``channel`` (``callback`` is called per
     notification, asyncpg's listener signature), for the subscriptions of live status and
     notifications. ``Unavailable`` when it cannot connect. The caller closes it."""
-    s = dl.settings
-    try:
-        conn = await asyncpg.connect(
-            s.database_url, timeout=s.connect_timeout_s,
-            server_settings={"application_name": f"{s.application_name}-live"})
-    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise Unavailable(f"cannot open a connection to LISTEN for {purpose}") from exc
+    conn = await dl.connect_dedicated("live", f"to LISTEN for {purpose}")
     try:
         await conn.add_listener(channel, callback)
     except BaseException:

@@ -19,9 +19,8 @@ would only compete for the same I/O).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
-import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -30,7 +29,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import asyncpg
 
-from datalayer.core.errors import DataLayerError, Unavailable, ValidationError
+from datalayer.core.errors import DataLayerError, ValidationError
+from datalayer.core.session import guarded
 from datalayer.repos.analytics import refresh_analytics, rollup_analytics
 from datalayer.repos.audit import audit_retention
 from datalayer.repos.knowledge import reap_documents
@@ -267,18 +267,12 @@ async def run_jobs(dl: DataLayer, jobs: Iterable[str | Job] | None = None) -> li
     short system sessions to record the run, plus whatever the job does.
     """
     selected = select_jobs(jobs)
-    instance = f"{socket.gethostname()[:100]}:{os.getpid()}"
-    s = dl.settings
-    try:
-        lock_conn = await asyncpg.connect(s.database_url, timeout=s.connect_timeout_s,
-                                          server_settings={
-                                              "application_name":
-                                                  f"{s.application_name}-maintenance"})
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise Unavailable("maintenance cannot open its lock connection") from exc
+    instance = dl.metrics.instance
+    lock_conn = await dl.connect_dedicated("maintenance", "for maintenance's job locks")
     results: list[JobResult] = []
     try:
-        since: datetime = await lock_conn.fetchval("SELECT clock_timestamp()")
+        since: datetime = await guarded(lock_conn.fetchval("SELECT clock_timestamp()"),
+                                        "maintenance lock")
         for job in selected:
             results.append(await _run_one(dl, lock_conn, job, instance, since))
     finally:
@@ -289,7 +283,7 @@ async def run_jobs(dl: DataLayer, jobs: Iterable[str | Job] | None = None) -> li
 async def _run_one(dl: DataLayer, lock_conn: asyncpg.Connection, job: Job, instance: str,
                    since: datetime) -> JobResult:
     t0 = time.perf_counter()
-    if not await lock_conn.fetchval(_TRY_LOCK, job.name):
+    if not await guarded(lock_conn.fetchval(_TRY_LOCK, job.name), "maintenance lock"):
         log.info("maintenance job %s is running elsewhere; skipped", job.name)
         return JobResult(job.name, "skipped", {}, 0.0, "running in another process")
     error: str | None = None
@@ -314,7 +308,10 @@ async def _run_one(dl: DataLayer, lock_conn: asyncpg.Connection, job: Job, insta
         error = error or _describe(exc)
         log.warning("maintenance job %s: could not record its run: %s", job.name, exc)
     finally:
-        await lock_conn.fetchval(_UNLOCK, job.name)
+        # An unlock that fails (the connection lost) must not hide the job's own outcome:
+        # the lock went with the connection's session anyway.
+        with contextlib.suppress(DataLayerError):
+            await guarded(lock_conn.fetchval(_UNLOCK, job.name), "maintenance unlock")
     ms = (time.perf_counter() - t0) * 1000
     return JobResult(job.name, "ok" if error is None else "error", counts, round(ms, 2), error)
 

@@ -163,7 +163,7 @@ class Worker:
         from datalayer.core.database import _init_connection
 
         s = self._dl.settings
-        server = {"application_name": f"{s.application_name}-worker"}
+        server: dict[str, str] = {}
         if s.statement_timeout_ms:
             server["statement_timeout"] = str(s.statement_timeout_ms)
         # The worker's role and context, for good (this connection serves nothing else);
@@ -171,11 +171,8 @@ class Worker:
         ctx = self._ctx
         setup = (system_sql(local=False) if ctx is None else ctx.session_sql) + \
             "; SET default_transaction_read_only = off"
-        try:
-            conn = await asyncpg.connect(s.database_url, timeout=s.connect_timeout_s,
-                                         server_settings=server)
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise Unavailable("the worker cannot open its LISTEN connection") from exc
+        conn = await self._dl.connect_dedicated("worker", "for the worker's LISTEN",
+                                                server_settings=server)
         try:
             await _init_connection(conn)
             await conn.execute(setup)

@@ -237,8 +237,7 @@ async def _plans(dl: DataLayer, t: Thresholds) -> list[Recommendation]:
         sizes = {r["name"]: r["estimated_rows"] for r in await db.many("stats.table_rows")}
     ctx = Context(uuid.uuid4(), user_id=uuid.uuid4(), role="owner")
     recs: list[Recommendation] = []
-    conn = await asyncpg.connect(dl.settings.database_url,
-                                 timeout=dl.settings.connect_timeout_s)
+    conn = await dl.connect_dedicated("stats", "to explain the registry's queries")
     try:
         async with conn.transaction():
             await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")

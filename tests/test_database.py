@@ -476,3 +476,30 @@ async def test_swallowed_error_inside_a_session_is_not_a_silent_rollback(
     assert org is not None and org.name == "Kept"
     async with dl.session(t.owner) as db:  # the connection is fine afterwards
         assert (await db.orgs.update(t.org_id, name="Next")).name == "Next"
+
+
+async def test_guarded_driver_calls_raise_typed_errors(dl: DataLayer) -> None:
+    """SQL outside the registry (generated statements, dedicated connections) fails as a
+    DataLayerError naming what ran, like a registry query."""
+    from datalayer.core.session import guarded
+
+    conn = await dl.connect_dedicated("test", "for a test")
+    try:
+        name = await conn.fetchval("SELECT current_setting('application_name')")
+        assert name == f"{dl.settings.application_name}-test"
+        with pytest.raises(DataLayerError, match=r"^test\.divide: ") as err:
+            await guarded(conn.fetchval("SELECT 1 / 0"), "test.divide")
+        assert err.value.sqlstate == "22012"
+        with pytest.raises(ValidationError, match="test.cast"):
+            await guarded(conn.fetchval("SELECT 'x'::int"), "test.cast")
+    finally:
+        await conn.close()
+    with pytest.raises(Unavailable, match="lost"):
+        await guarded(conn.fetchval("SELECT 1"), "test.closed")
+
+
+async def test_dedicated_connection_refused_is_unavailable() -> None:
+    s = Settings(database_url="postgresql://postgres@127.0.0.1:1/none", env="testing",
+                 connect_timeout_s=1)
+    with pytest.raises(Unavailable, match="for a test"):
+        await DataLayer(s).connect_dedicated("test", "for a test")

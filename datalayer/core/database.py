@@ -37,6 +37,7 @@ from datalayer.core.session import (
     Session,
     SessionScope,
     acquire_with_timeout,
+    guarded,
 )
 from datalayer.query_performance import QueryMetrics
 from datalayer.security import Keyring, PasswordHasher
@@ -139,8 +140,13 @@ class DataLayer:
         if s.search_fuzzy:
             from datalayer.repos.search import detect_fuzzy
 
-            async with self._pool.acquire() as conn:
-                self.search_fuzzy = await detect_fuzzy(conn)
+            try:
+                async with self._pool.acquire() as conn:
+                    self.search_fuzzy = await guarded(detect_fuzzy(conn), "search.detect_fuzzy")
+            except BaseException:
+                await self._pool.close()  # start() failed: leave nothing open
+                self._pool = None
+                raise
         if s.redis_url:
             # Connects lazily on first command; an unreachable Redis fails that command
             # (callers decide whether to degrade), not start-up.
@@ -237,6 +243,20 @@ class DataLayer:
         may see is what it gets. For tools and benchmarks; request code uses sessions.
         """
         return Session(self, conn, None, readonly=False, in_transaction=False)
+
+    async def connect_dedicated(self, name: str, purpose: str, *,
+                                server_settings: dict[str, str] | None = None
+                                ) -> asyncpg.Connection:
+        """A connection outside the pool, for work that holds one of its own (LISTEN,
+        advisory locks, plan inspection), named ``<application_name>-<name>``.
+        ``Unavailable`` (saying ``purpose``) when it cannot connect; the caller closes it."""
+        s = self.settings
+        server = {"application_name": f"{s.application_name}-{name}", **(server_settings or {})}
+        try:
+            return await asyncpg.connect(s.database_url, timeout=s.connect_timeout_s,
+                                         server_settings=server)
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise Unavailable(f"cannot open a connection {purpose}") from exc
 
     def system(self) -> SessionScope:
         """A read-write session as the maintenance role (BYPASSRLS), for cross-tenant jobs

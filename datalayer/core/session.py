@@ -66,7 +66,7 @@ from datalayer.repos.workflows import Workflows
 if TYPE_CHECKING:
     from datalayer.core.database import DataLayer
 
-__all__ = ["ConnState", "DLConnection", "Isolation", "Session", "SessionScope"]
+__all__ = ["ConnState", "DLConnection", "Isolation", "Session", "SessionScope", "guarded"]
 
 log = logging.getLogger("datalayer.session")
 _clock = time.perf_counter_ns
@@ -444,6 +444,15 @@ def _mapped(exc: BaseException, query: str | None) -> DataLayerError:
     if err is None:  # an InterfaceError that is our misuse, not the database's answer
         err = DataLayerError(f"{query or 'statement'}: {type(exc).__name__}: {exc}", query=query)
     return err
+
+
+async def guarded(call: Awaitable[T], what: str) -> T:
+    """Await a driver call made outside the registry (generated SQL, a dedicated connection):
+    its driver errors raise as ``DataLayerError``, as a registry query's do."""
+    try:
+        return await call
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        raise _mapped(exc, what) from exc
 
 
 class SessionScope:

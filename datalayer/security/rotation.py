@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from datalayer.core.errors import DataLayerError
+from datalayer.core.session import guarded
 from datalayer.repos.audit import GLOBAL_ORG
 from datalayer.security.keyring import DecryptionError, Keyring
 
@@ -142,7 +143,7 @@ class _Sql:
 async def encrypted_columns(dl: DataLayer) -> list[EncryptedColumn]:
     """Every registered encrypted column."""
     async with dl.system() as db:
-        rows = await db.connection.fetch(_COLUMNS_SQL)
+        rows = await guarded(db.connection.fetch(_COLUMNS_SQL), "rotation.columns")
     return [EncryptedColumn(r["table_name"], r["column_name"], r["org_column"],
                             r["id_column"]) for r in rows]
 
@@ -157,7 +158,8 @@ async def remaining(dl: DataLayer, kid: str | None = None, *,
     cols = [c for c in await encrypted_columns(dl) if org_id is None or c.org_column]
     async with dl.system() as db:
         for col in cols:
-            out[col.name] = int(await db.connection.fetchval(_Sql(col).count, kid, org_id))
+            count = db.connection.fetchval(_Sql(col).count, kid, org_id)
+            out[col.name] = int(await guarded(count, "rotation.count"))
     return out
 
 
@@ -177,14 +179,16 @@ async def _pass(dl: DataLayer, col: EncryptedColumn, report: RotationReport, *, 
     """One walk over a column; returns rows skipped (changed concurrently or undecryptable)."""
     sql, keyring, kid = _Sql(col), dl.keyring, dl.keyring.active_kid
     async with dl.system() as db:
-        total = int(await db.connection.fetchval(sql.count, kid, org_id))
+        total = int(await guarded(db.connection.fetchval(sql.count, kid, org_id),
+                                  "rotation.count"))
     after_id: Any = None
     after_org: UUID | None = None
     n = skipped = 0
     while total:
         async with dl.system() as db:
-            rows = await db.connection.fetch(sql.select, kid, after_id is None, after_org,
-                                             after_id, batch, org_id)
+            rows = await guarded(db.connection.fetch(sql.select, kid, after_id is None,
+                                                     after_org, after_id, batch, org_id),
+                                 "rotation.select")
         if not rows:
             break
         orgs, ids, olds, news = [], [], [], []
@@ -204,7 +208,8 @@ async def _pass(dl: DataLayer, col: EncryptedColumn, report: RotationReport, *, 
         done = 0
         if ids:
             async with dl.system() as db:
-                done = len(await db.connection.fetch(sql.update, orgs, ids, olds, news))
+                done = len(await guarded(db.connection.fetch(sql.update, orgs, ids, olds, news),
+                                         "rotation.update"))
         last = rows[-1]
         after_id, after_org = last["id"], last["org"]
         n += 1

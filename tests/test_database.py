@@ -490,7 +490,7 @@ async def test_guarded_driver_calls_raise_typed_errors(dl: DataLayer) -> None:
         with pytest.raises(DataLayerError, match=r"^test\.divide: ") as err:
             await guarded(conn.fetchval("SELECT 1 / 0"), "test.divide")
         assert err.value.sqlstate == "22012"
-        with pytest.raises(ValidationError, match="test.cast"):
+        with pytest.raises(ValidationError, match=r"test\.cast"):
             await guarded(conn.fetchval("SELECT 'x'::int"), "test.cast")
     finally:
         await conn.close()

@@ -37,7 +37,6 @@ from datalayer.core.session import (
     Session,
     SessionScope,
     acquire_with_timeout,
-    guarded,
 )
 from datalayer.query_performance import QueryMetrics
 from datalayer.security import Keyring, PasswordHasher
@@ -137,12 +136,11 @@ class DataLayer:
             )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise (translate(exc) or Unavailable("cannot connect to the database")) from exc
-        if s.search_fuzzy:
-            from datalayer.repos.search import detect_fuzzy
-
+        if s.search_fuzzy:  # pg_trgm and its index installed? (the search's typo fallback)
             try:
                 async with self._pool.acquire() as conn:
-                    self.search_fuzzy = await guarded(detect_fuzzy(conn), "search.detect_fuzzy")
+                    self.search_fuzzy = bool(
+                        await self.executor(conn).scalar("search.fuzzy_available"))
             except BaseException:
                 await self._pool.close()  # start() failed: leave nothing open
                 self._pool = None
@@ -236,7 +234,8 @@ class DataLayer:
         """
         return SessionScope(self, ctx, readonly=readonly, isolation=isolation)
 
-    def executor(self, conn: asyncpg.Connection) -> Session:
+    def executor(self, conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy[Any]
+                 ) -> Session:
         """Run registry queries and repositories on a connection you manage yourself.
 
         No context is applied and no transaction is opened: what the connection's role

@@ -7,8 +7,8 @@ best rows with a highlighted snippet (``<b>…</b>``; ``ts_headline`` runs on th
 only). User text is never parsed as tsquery syntax: the database takes its words apart with
 ``to_tsvector`` and quotes each one.
 
-When nothing matches and pg_trgm is installed (detected once when the DataLayer starts, see
-:func:`detect_fuzzy`; ``DATALAYER_SEARCH_FUZZY=false`` turns it off), workflow and template
+When nothing matches and pg_trgm is installed (detected once when the DataLayer starts, by
+``search.fuzzy_available``; ``DATALAYER_SEARCH_FUZZY=false`` turns it off), workflow and template
 names similar to the text come back instead, marked ``fuzzy=True``. Without pg_trgm the
 search works the same, minus that fallback.
 
@@ -31,9 +31,9 @@ from datalayer.core.rows import RowQuery
 from datalayer.repos._base import Repository, check_limit
 
 if TYPE_CHECKING:
-    from typing import Any
+    pass
 
-__all__ = ["KINDS", "MAX_LIMIT", "Hit", "Search", "detect_fuzzy"]
+__all__ = ["KINDS", "MAX_LIMIT", "Hit", "Search"]
 
 # Every searchable kind (one branch each in app.search_documents).
 KINDS = ("workflow", "template", "execution", "notification", "audit")
@@ -53,15 +53,6 @@ class Hit:
 
 
 QUERY = RowQuery("search.query", Hit)
-
-
-async def detect_fuzzy(conn: Any) -> bool:
-    """Whether pg_trgm and the trigram index are installed (False if the search schema is
-    not there at all)."""
-    if not await conn.fetchval("SELECT to_regprocedure('app.search_fuzzy_available()') "
-                               "IS NOT NULL"):
-        return False
-    return bool(await conn.fetchval("SELECT app.search_fuzzy_available()"))
 
 
 def _kinds(kinds: Iterable[str] | None) -> list[str]:

@@ -30,7 +30,7 @@ from typing import Any
 
 from datalayer import Context
 
-from .harness import BenchContext, Scenario
+from .harness import BenchContext, Scenario, bind_context
 
 __all__ = ["SCENARIOS", "TwinWorld", "twin_world"]
 
@@ -48,19 +48,6 @@ class TwinWorld:
     ctxs: tuple[Context, ...]
     sessions: tuple[tuple[uuid.UUID, ...], ...]  # per user: its ended sessions
     open_sessions: tuple[uuid.UUID, ...]  # per user: one active session (appends)
-
-
-def _bind_context(sql: str, params: tuple[str, ...]) -> str:
-    """The query with the context helpers as two extra parameters (the raw side has none);
-    one the query does not use is declared in an unreferenced CTE, so both always bind."""
-    n = len(params)
-    sql = sql.rstrip().rstrip(";")
-    bound = sql.replace("app.org_id()", f"${n + 1}::uuid").replace("app.user_id()",
-                                                                    f"${n + 2}::uuid")
-    for k in (n + 1, n + 2):
-        if f"${k}::uuid" not in bound:
-            bound = f"WITH _ctx{k} AS (SELECT ${k}::uuid) {bound}"
-    return bound
 
 
 async def twin_world(bctx: BenchContext) -> TwinWorld:
@@ -129,7 +116,7 @@ class ReadState:
 
 async def _read_setup(bctx: BenchContext) -> ReadState:
     q = bctx.dl.registry["conversations.with_turns"]
-    return ReadState(await twin_world(bctx), _bind_context(q.sql, q.params), q.params,
+    return ReadState(await twin_world(bctx), bind_context(q.sql, len(q.params)), q.params,
                      random.Random(7))
 
 
@@ -165,7 +152,7 @@ class AppendState:
 
 async def _append_setup(bctx: BenchContext) -> AppendState:
     q = bctx.dl.registry["conversations.append_turn"]
-    return AppendState(await twin_world(bctx), _bind_context(q.sql, q.params), q.params)
+    return AppendState(await twin_world(bctx), bind_context(q.sql, len(q.params)), q.params)
 
 
 _INPUT = "What did we decide about the launch date and the pricing page?"

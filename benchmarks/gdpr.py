@@ -16,7 +16,7 @@ from typing import Any
 
 from datalayer import Context
 
-from .harness import BenchContext, Scenario
+from .harness import BenchContext, Scenario, bind_context
 
 __all__ = ["SCENARIOS"]
 
@@ -52,7 +52,7 @@ async def _setup(bctx: BenchContext) -> ConsentState:
     async with bctx.pool.acquire() as conn:
         await conn.execute("VACUUM ANALYZE consents")
     q = dl.registry["gdpr.consent_state"]
-    sql = (q.sql.replace("app.org_id()", "$3::uuid").replace("app.user_id()", "$4::uuid"))
+    sql = bind_context(q.sql, len(q.params))
     state = ConsentState(org, users, sql)
     bctx.cache["gdpr"] = state
     return state

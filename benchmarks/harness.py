@@ -39,6 +39,7 @@ __all__ = [
     "CONTRACT_FIELDS",
     "BenchContext",
     "Scenario",
+    "bind_context",
     "discover",
     "measure",
     "run",
@@ -86,6 +87,23 @@ class Scenario:
             raise ValidationError(f"scenario name {self.name!r} must be non-empty, no spaces")
         if self.target is not None and self.target <= 0:
             raise ValidationError(f"{self.name}: target must be a positive ratio")
+
+
+def bind_context(sql: str, nparams: int, *, user: bool = True) -> str:
+    """A registry query for a raw-asyncpg baseline, which has no tenant context:
+    ``app.org_id()`` becomes parameter ``$nparams+1`` and, with ``user``, ``app.user_id()``
+    ``$nparams+2``, so the baseline passes the context's ids after the query's own arguments.
+    One the query does not use is declared in an unreferenced CTE, so they always bind."""
+    sql = sql.rstrip().rstrip(";")
+    names = ["app.org_id()", "app.user_id()"][: 2 if user else 1]
+    for k, name in enumerate(names, start=nparams + 1):
+        if name in sql:
+            sql = sql.replace(name, f"${k}::uuid")
+        elif sql.lstrip().upper().startswith("WITH"):
+            raise ValidationError(f"bind_context: {name} unused in a WITH query")
+        else:
+            sql = f"WITH _ctx{k} AS (SELECT ${k}::uuid) {sql}"
+    return sql
 
 
 _HELD: contextvars.ContextVar[asyncpg.Connection | None] = contextvars.ContextVar(

@@ -17,7 +17,7 @@ from typing import Any
 from datalayer import Context
 from datalayer.repos.api_keys import hash_key
 
-from .harness import BenchContext, Scenario
+from .harness import BenchContext, Scenario, bind_context
 
 __all__ = ["SCENARIOS"]
 
@@ -82,7 +82,7 @@ async def _setup(bctx: BenchContext) -> IdentityState:
         tuple(Context(o, user_id=owners[i], role="member") for i, o in enumerate(orgs)),
         reg["users.get_by_email"].sql, reg["api_keys.verify"].sql,
         # the raw side has no context: pass the organization where the policy helper reads it
-        check.sql.replace("app.org_id()", f"${len(check.params) + 1}::uuid"),
+        bind_context(check.sql, len(check.params), user=False),
     )
     bctx.cache["identity"] = state
     return state

@@ -16,7 +16,7 @@ from typing import Any
 from datalayer import Context
 from datalayer.repos._base import LAST
 
-from .harness import BenchContext, Scenario
+from .harness import BenchContext, Scenario, bind_context
 
 __all__ = ["SCENARIOS"]
 
@@ -57,8 +57,7 @@ async def _setup(bctx: BenchContext) -> NotificationState:
         await conn.execute("VACUUM ANALYZE notifications")
     q = dl.registry["notifications.list"]
     n = len(q.params)
-    sql = (q.sql.replace("app.org_id()", f"${n + 1}::uuid")
-           .replace("app.user_id()", f"${n + 2}::uuid"))
+    sql = bind_context(q.sql, n)
     params = {"before_created_at": LAST[0], "before_id": LAST[1], "limit": PAGE,
               "unread_only": False}
     state = NotificationState(org, owner, Context(org, user_id=owner, role="owner"), sql,

@@ -35,7 +35,7 @@ from datalayer.seed import (
     workflow_record,
 )
 
-from .harness import BenchContext, Scenario
+from .harness import BenchContext, Scenario, bind_context
 
 __all__ = ["SCENARIOS"]
 
@@ -70,7 +70,7 @@ class _Quiet(Progress):
 
 def _raw_sql(bctx: BenchContext, name: str) -> str:
     q = bctx.dl.registry[name]
-    return q.sql.replace("app.org_id()", f"${len(q.params) + 1}::uuid")
+    return bind_context(q.sql, len(q.params), user=False)
 
 
 async def _setup(bctx: BenchContext) -> WorkflowsState:

@@ -73,3 +73,13 @@ def test_prefix_selects_a_family() -> None:
         "session.one.same_tenant", "session.one.switch_tenant"]
     every = harness.select(harness.discover(), None)
     assert {"registry.one", "repo.one", "session.ten"} <= {s.name for s in every}
+
+
+def test_bind_context_turns_the_context_helpers_into_parameters() -> None:
+    sql = "SELECT * FROM t WHERE org_id = app.org_id() AND x = $1;"
+    assert harness.bind_context(sql, 1) == (
+        "WITH _ctx3 AS (SELECT $3::uuid) SELECT * FROM t WHERE org_id = $2::uuid AND x = $1")
+    assert harness.bind_context(sql, 1, user=False) == (
+        "SELECT * FROM t WHERE org_id = $2::uuid AND x = $1")
+    with pytest.raises(ValidationError, match=r"app\.user_id\(\) unused in a WITH query"):
+        harness.bind_context("WITH a AS (SELECT app.org_id()) SELECT * FROM a", 0)

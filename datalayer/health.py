@@ -21,6 +21,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from datalayer.core import migrations
 from datalayer.core.errors import DataLayerError, translate
@@ -43,31 +45,43 @@ def _error(exc: BaseException) -> dict[str, Any]:
 async def check(dl: DataLayer) -> dict[str, Any]:
     """The health report; see the module docstring."""
     out: dict[str, Any] = {"ok": True}
-    out["database"] = await _database(dl)
+    out["database"], server = await _database(dl)
     out["migrations"] = await _migrations(dl)
     out["pool"] = _pool(dl)
     if dl.settings.redis_url:
-        from datalayer.core.database import _redis_health
-
-        out["redis"] = await _redis_health(dl.settings.redis_url)
-    if out["database"]["ok"]:
-        out["replication"] = await _replication(dl)
+        out["redis"] = await _redis(dl.settings.redis_url)
+    if server is not None:
+        out["replication"] = await _replication(dl, server)
         out["transactions"] = await _transactions(dl)
         out["maintenance"] = await _maintenance(dl)
     out["ok"] = all(v.get("ok", True) for v in out.values() if isinstance(v, dict))
     return out
 
 
-async def _database(dl: DataLayer) -> dict[str, Any]:
+async def _database(dl: DataLayer) -> tuple[dict[str, Any], asyncpg.Record | None]:
+    """The database section, and the server row (recovery state, replay delay) it read,
+    which the replication section uses; None when the database did not answer."""
     started = time.perf_counter()
     try:
         async with dl.system() as db:
             row = await db.one("health.server")
         assert row is not None
         return {"ok": True, "latency_ms": round((time.perf_counter() - started) * 1000, 2),
-                "server_version": row["server_version"], "standby": row["in_recovery"]}
+                "server_version": row["server_version"], "standby": row["in_recovery"]}, row
     except _FAILURES as exc:
-        return _error(exc)
+        return _error(exc), None
+
+
+async def _redis(url: str) -> dict[str, Any]:
+    client = aioredis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    started = time.perf_counter()
+    try:
+        await client.ping()
+        return {"ok": True, "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
+    except (RedisError, OSError) as exc:
+        return {"ok": False, "error": f"{type(exc).__name__}: Redis did not answer"}
+    finally:
+        await client.aclose()
 
 
 async def _migrations(dl: DataLayer) -> dict[str, Any]:
@@ -96,18 +110,16 @@ def _pool(dl: DataLayer) -> dict[str, Any]:
             "waiting": waiting, "min": pool.get_min_size(), "max": pool.get_max_size()}
 
 
-async def _replication(dl: DataLayer) -> dict[str, Any]:
-    try:
-        async with dl.system() as db:
-            server = await db.one("health.server")
-            replicas = await db.many("health.replicas")
-    except _FAILURES as exc:
-        return _error(exc)
-    assert server is not None
+async def _replication(dl: DataLayer, server: asyncpg.Record) -> dict[str, Any]:
     if server["in_recovery"]:
         delay = server["replay_delay_s"]
         return {"ok": delay is None or delay < REPLICA_LAG_LIMIT_S, "role": "standby",
                 "replay_delay_s": None if delay is None else round(delay, 3)}
+    try:
+        async with dl.system() as db:
+            replicas = await db.many("health.replicas")
+    except _FAILURES as exc:
+        return _error(exc)
     if not replicas:
         return {"ok": True, "role": "primary", "replicas": None, "max_lag_s": None}
     lags = [r["replay_lag_s"] for r in replicas if r["replay_lag_s"] is not None]

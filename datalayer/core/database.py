@@ -308,18 +308,3 @@ class DataLayer:
         from datalayer.stats import collect
 
         return await collect(self, explain=explain)
-
-
-async def _redis_health(url: str) -> dict[str, Any]:
-    import redis.asyncio as aioredis
-    from redis.exceptions import RedisError
-
-    client = aioredis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
-    started = time.perf_counter()
-    try:
-        await client.ping()
-        return {"ok": True, "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
-    except (RedisError, OSError) as exc:
-        return {"ok": False, "error": f"{type(exc).__name__}: Redis did not answer"}
-    finally:
-        await client.aclose()

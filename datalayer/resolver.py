@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import overload
 
 from datalayer.core.errors import Conflict
-from datalayer.semver import Range, Version, parse_range, parse_version, version_from_key
+from datalayer.semver import Range, Version, parse_range, version_from_key
 
 __all__ = ["ROOT", "Candidate", "Constraint", "PackedCandidates", "Resolution",
            "ResolutionConflict", "Resolved", "resolve"]
@@ -29,8 +29,9 @@ MAX_STEPS = 20_000
 class Candidate:
     """One installable version of a plugin, with its dependencies (plugin id, range).
 
-    Dependencies may be given parsed (``deps``) or raw (``dep_ids`` and ``dep_ranges``
-    texts, parsed on first use through ``ranges``, a cache shared by the candidates of one
+    Built from a packed line (:class:`PackedCandidates`): the version as text with its SQL
+    precedence key, the dependencies as ``dep_ids`` and ``dep_ranges`` texts, both parsed on
+    first use (ranges through ``ranges``, a cache shared by the candidates of one
     resolution): most candidates of a large graph are never picked, so most are never
     parsed."""
 
@@ -38,20 +39,14 @@ class Candidate:
                  "plugin_id", "plugin_name", "version_id")
 
     def __init__(self, plugin_id: uuid.UUID, plugin_name: str, version_id: uuid.UUID,
-                 version: Version | str, deps: Sequence[tuple[uuid.UUID, Range]] | None = None,
-                 *, key: str | None = None, dep_ids: Sequence[uuid.UUID] = (),
-                 dep_ranges: Sequence[str] = (), ranges: dict[str, Range] | None = None,
-                 ) -> None:
+                 version: str, *, key: str, dep_ids: Sequence[uuid.UUID],
+                 dep_ranges: Sequence[str], ranges: dict[str, Range]) -> None:
         self.plugin_id = plugin_id
         self.plugin_name = plugin_name
         self.version_id = version_id
-        if isinstance(version, Version):
-            self._version: Version | None = version
-            self._text, self._key = str(version), version.key()
-        else:  # parsed on first use (with its SQL key: version_from_key)
-            self._version, self._text = None, version
-            self._key = key if key is not None else parse_version(version).key()
-        self._deps = None if deps is None else tuple(deps)
+        self._version: Version | None = None  # parsed on first use, with its SQL key
+        self._text, self._key = version, key
+        self._deps: tuple[tuple[uuid.UUID, Range], ...] | None = None
         self._dep_ids = dep_ids
         self._dep_ranges = dep_ranges
         self._ranges = ranges
@@ -66,7 +61,7 @@ class Candidate:
     @property
     def deps(self) -> tuple[tuple[uuid.UUID, Range], ...]:
         if self._deps is None:
-            cache = self._ranges if self._ranges is not None else {}
+            cache = self._ranges
             out = []
             for dep, text in zip(self._dep_ids, self._dep_ranges, strict=True):
                 rng = cache.get(text)
@@ -91,7 +86,7 @@ class PackedCandidates(Sequence[Candidate]):
     __slots__ = ("_lines", "_name", "_parsed", "_pid", "_ranges")
 
     def __init__(self, plugin_id: uuid.UUID, plugin_name: str, versions: str,
-                 ranges: dict[str, Range] | None = None) -> None:
+                 ranges: dict[str, Range]) -> None:
         self._pid = plugin_id
         self._name = plugin_name
         self._lines = versions.split("\n") if versions else []

@@ -109,6 +109,7 @@ async def collect(dl: DataLayer, *, explain: bool = True,
     out = Stats()
     m = dl.metrics
     out.metrics = {"slow": m.slow, "samples_persisted": m.persisted,
+                   "flush_errors": m.flush_errors,
                    "samples_dropped": m.dropped, "samples_buffered": len(m.buffer)}
     pgss: dict[str, dict[str, Any]] = {}
     figures = m.snapshot()  # before the catalog queries below add themselves

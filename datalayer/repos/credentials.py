@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import orjson
 
@@ -43,10 +43,9 @@ from datalayer.core.rows import RowQuery
 from datalayer.repos._base import Page, Repository, check_limit, page_of
 from datalayer.security.keyring import DecryptionError
 
-__all__ = ["TYPES", "Credential", "CredentialAccess", "CredentialType", "Credentials",
+__all__ = ["TYPES", "Credential", "CredentialAccess", "Credentials",
            "DecryptedCredential", "validate_payload"]
 
-CredentialType = Literal["api_key", "oauth2", "basic", "database", "ssh_key", "custom"]
 TABLE: Final = "credentials"
 COLUMN: Final = "secret"
 

@@ -34,6 +34,7 @@ from datalayer.core.errors import NotFound, ValidationError
 from datalayer.core.rows import RowQuery
 from datalayer.repos._base import Page, Repository, check_limit, page_of
 from datalayer.resolver import PackedCandidates, Resolution, resolve
+from datalayer.security.keyring import DecryptionError
 from datalayer.semver import Range, parse_range, parse_version
 
 if TYPE_CHECKING:
@@ -600,7 +601,15 @@ class Plugins(Repository):
         if version is None:
             return rows
         v = parse_version(version)
-        return [d for d in rows if parse_range(d.range).admits(v, prerelease=True)]
+        admits: dict[str, bool] = {}  # most dependents share a few range texts
+        out = []
+        for d in rows:
+            ok = admits.get(d.range)
+            if ok is None:
+                ok = admits[d.range] = parse_range(d.range).admits(v, prerelease=True)
+            if ok:
+                out.append(d)
+        return out
 
     # -- governance -------------------------------------------------------------------------
     async def add_stage(self, position: int, name: str, *, required_role: str = "admin",
@@ -685,10 +694,11 @@ class Plugins(Repository):
         """An open advisory on an own plugin; ``affected`` is a range of one interval
         (``>=1.0.0 <1.4.2``, ``<2.0.1``); its upper bound is the fixed-in version."""
         _choice(severity, SEVERITIES, "severity")
-        lo, hi = parse_range(affected).interval()
+        rng = parse_range(affected)
+        lo, hi = rng.interval()
         row = await self._db.fetch_one(
             ADD_ADVISORY, plugin_id=plugin_id, identifier=identifier, severity=severity,
-            summary=summary, affected=str(parse_range(affected)),
+            summary=summary, affected=str(rng),
             introduced=None if lo is None else str(lo), fixed_in=None if hi is None else str(hi))
         if row is None:
             raise NotFound("plugin not found or not writable by this role",
@@ -790,7 +800,10 @@ class Plugins(Repository):
             raise NotFound("installation secrets not found", query=GET_SECRET.name)
         plain = self._db.dl.keyring.decrypt(row.secret, org_id=installation.org_id,
                                             table=_TABLE, row_id=row.id, column=_COLUMN)
-        out: dict[str, Any] = orjson.loads(plain)
+        try:
+            out: dict[str, Any] = orjson.loads(plain)
+        except orjson.JSONDecodeError:
+            raise DecryptionError("installation secrets are not JSON") from None
         return out
 
     # -- usage ------------------------------------------------------------------------------

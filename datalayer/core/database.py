@@ -37,6 +37,7 @@ from datalayer.core.session import (
     Session,
     SessionScope,
     acquire_with_timeout,
+    guarded,
 )
 from datalayer.query_performance import QueryMetrics
 from datalayer.security import Keyring, PasswordHasher
@@ -137,10 +138,12 @@ class DataLayer:
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise (translate(exc) or Unavailable("cannot connect to the database")) from exc
         if s.search_fuzzy:  # pg_trgm and its index installed? (the search's typo fallback)
+            # The registry's query on the bare connection, not through a session: start-up
+            # work stays out of the query metrics.
+            q = self.registry["search.fuzzy_available"]
             try:
                 async with self._pool.acquire() as conn:
-                    self.search_fuzzy = bool(
-                        await self.executor(conn).scalar("search.fuzzy_available"))
+                    self.search_fuzzy = bool(await guarded(conn.fetchval(q.sql), q.name))
             except BaseException:
                 await self._pool.close()  # start() failed: leave nothing open
                 self._pool = None
@@ -234,8 +237,7 @@ class DataLayer:
         """
         return SessionScope(self, ctx, readonly=readonly, isolation=isolation)
 
-    def executor(self, conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy[Any]
-                 ) -> Session:
+    def executor(self, conn: asyncpg.Connection) -> Session:
         """Run registry queries and repositories on a connection you manage yourself.
 
         No context is applied and no transaction is opened: what the connection's role

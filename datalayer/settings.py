@@ -194,32 +194,29 @@ class Settings:
         for attr, var in floats.items():
             if e.get(var):
                 kwargs[attr] = _float(var, e[var])
-        if e.get("DATALAYER_MIGRATE_ON_START"):
-            kwargs["migrate_on_start"] = _bool("DATALAYER_MIGRATE_ON_START",
-                                               e["DATALAYER_MIGRATE_ON_START"])
-        for attr, var in (("query_metrics", "DATALAYER_QUERY_METRICS"),
-                          ("otel_spans", "DATALAYER_OTEL_SPANS")):
+        bools = {
+            "migrate_on_start": "DATALAYER_MIGRATE_ON_START",
+            "query_metrics": "DATALAYER_QUERY_METRICS",
+            "otel_spans": "DATALAYER_OTEL_SPANS",
+            "search_fuzzy": "DATALAYER_SEARCH_FUZZY",
+            "cache_lookups": "DATALAYER_CACHE_LOOKUPS",
+        }
+        for attr, var in bools.items():
             if e.get(var):
                 kwargs[attr] = _bool(var, e[var])
-        if e.get("DATALAYER_SEARCH_FUZZY"):
-            kwargs["search_fuzzy"] = _bool("DATALAYER_SEARCH_FUZZY", e["DATALAYER_SEARCH_FUZZY"])
-        if e.get("DATALAYER_CONTEXT_MODE"):
-            kwargs["context_mode"] = e["DATALAYER_CONTEXT_MODE"]
-        if e.get("DATALAYER_CACHE_BACKEND"):
-            kwargs["cache_backend"] = e["DATALAYER_CACHE_BACKEND"]
-        if e.get("DATALAYER_CACHE_PREFIX"):
-            kwargs["cache_prefix"] = e["DATALAYER_CACHE_PREFIX"]
-        if e.get("DATALAYER_CACHE_LOOKUPS"):
-            kwargs["cache_lookups"] = _bool("DATALAYER_CACHE_LOOKUPS", e["DATALAYER_CACHE_LOOKUPS"])
-        for attr, var in (("rate_limits", "DATALAYER_RATE_LIMITS"),
-                          ("ratelimit_backend", "DATALAYER_RATELIMIT_BACKEND"),
-                          ("ratelimit_prefix", "DATALAYER_RATELIMIT_PREFIX")):
+        texts = {
+            "context_mode": "DATALAYER_CONTEXT_MODE",
+            "cache_backend": "DATALAYER_CACHE_BACKEND",
+            "cache_prefix": "DATALAYER_CACHE_PREFIX",
+            "rate_limits": "DATALAYER_RATE_LIMITS",
+            "ratelimit_backend": "DATALAYER_RATELIMIT_BACKEND",
+            "ratelimit_prefix": "DATALAYER_RATELIMIT_PREFIX",
+            "channel_prefix": "DATALAYER_CHANNEL_PREFIX",
+            "application_name": "DATALAYER_APPLICATION_NAME",
+        }
+        for attr, var in texts.items():
             if e.get(var):
                 kwargs[attr] = e[var]
-        if e.get("DATALAYER_CHANNEL_PREFIX"):
-            kwargs["channel_prefix"] = e["DATALAYER_CHANNEL_PREFIX"]
-        if e.get("DATALAYER_APPLICATION_NAME"):
-            kwargs["application_name"] = e["DATALAYER_APPLICATION_NAME"]
         return cls(**kwargs)  # type: ignore[arg-type]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -14,8 +14,8 @@ from datalayer.core.errors import ValidationError
 if TYPE_CHECKING:
     from datalayer.core.session import Session
 
-__all__ = ["FIRST", "LAST", "MAX_PAGE", "Page", "Repository", "check_ip", "check_limit",
-           "page_of"]
+__all__ = ["FIRST", "LAST", "MAX_PAGE", "Page", "Repository", "check_choice", "check_ip",
+           "check_limit", "page_of"]
 
 T = TypeVar("T")
 MAX_PAGE = 1000
@@ -38,6 +38,13 @@ def check_limit(limit: int, maximum: int = MAX_PAGE) -> int:
     if not 1 <= limit <= maximum:
         raise ValidationError(f"limit must be between 1 and {maximum}")
     return limit
+
+
+def check_choice(value: str, allowed: Sequence[str], what: str) -> str:
+    """``value`` if it is one of ``allowed``; else ``what must be one of …``."""
+    if value not in allowed:
+        raise ValidationError(f"{what} must be one of {', '.join(allowed)}")
+    return value
 
 
 def check_ip(value: str | None, what: str) -> str | None:
@@ -63,3 +70,11 @@ class Repository:
 
     def __init__(self, db: Session) -> None:
         self._db = db
+
+    def _tenant_org(self, what: str) -> uuid.UUID:
+        """The context's organization, for writes that need one (encryption binds each
+        ciphertext to it); ``ValidationError`` "<what> in a tenant session" otherwise."""
+        ctx = self._db.context
+        if ctx is None or ctx.org_id is None:
+            raise ValidationError(f"{what} in a tenant session")
+        return ctx.org_id

@@ -19,7 +19,7 @@ from typing import Any
 
 from datalayer.core.errors import NotFound, ValidationError
 from datalayer.core.rows import RowQuery
-from datalayer.repos._base import FIRST, LAST, Page, Repository, check_limit, page_of
+from datalayer.repos._base import FIRST, LAST, Page, Repository, check_choice, check_limit, page_of
 
 __all__ = [
     "CHANNELS",
@@ -143,8 +143,7 @@ class Conversations(Repository):
     async def start(self, *, channel: str = "text", title: str = "",
                     metadata: dict[str, Any] | None = None) -> Conversation:
         """A new active session, remembering the user's active voice and face models."""
-        if channel not in CHANNELS:
-            raise ValidationError(f"channel must be one of {', '.join(CHANNELS)}")
+        check_choice(channel, CHANNELS, "channel")
         row = await self._db.fetch_one(START, channel=channel, title=title, metadata=metadata)
         if row is None:
             raise NotFound("session not created", query=START.name)

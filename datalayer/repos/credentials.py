@@ -188,12 +188,6 @@ class Credentials(Repository):
 
     __slots__ = ()
 
-    def _org(self) -> uuid.UUID:
-        ctx = self._db.context
-        if ctx is None or ctx.org_id is None:
-            raise ValidationError("credentials need a Context with an organization")
-        return ctx.org_id
-
     def _seal(self, org_id: uuid.UUID, cred_id: uuid.UUID, type_: str,
               payload: object) -> bytes:
         return self._db.dl.keyring.encrypt(_encode(type_, payload), org_id=org_id,
@@ -203,7 +197,7 @@ class Credentials(Repository):
                      metadata: Mapping[str, Any] | None = None,
                      expires_at: datetime | None = None) -> Credential:
         """Validate, encrypt and store. ``Conflict`` when a live credential has that name."""
-        org_id, cred_id = self._org(), uuid.uuid4()
+        org_id, cred_id = self._tenant_org("store a credential"), uuid.uuid4()
         blob = self._seal(org_id, cred_id, type, payload)
         cred = await self._db.fetch_one(CREATE, id=cred_id, name=name, type=type,
                                         secret=blob, metadata=dict(metadata or {}),

@@ -20,7 +20,7 @@ from typing import Any
 
 from datalayer.core.errors import NotFound, ValidationError
 from datalayer.core.rows import RowQuery
-from datalayer.repos._base import Repository, check_limit
+from datalayer.repos._base import Repository, check_choice, check_limit
 
 __all__ = ["KINDS", "STATUSES", "Model", "Models", "Profile", "Usage"]
 
@@ -91,18 +91,6 @@ SOFT_DELETE = RowQuery("models.soft_delete", Model)
 RESTORE = RowQuery("models.restore", Model)
 
 
-def _kind(kind: str) -> str:
-    if kind not in KINDS:
-        raise ValidationError(f"model kind must be one of {', '.join(KINDS)}")
-    return kind
-
-
-def _status(status: str) -> str:
-    if status not in STATUSES:
-        raise ValidationError(f"model status must be one of {', '.join(STATUSES)}")
-    return status
-
-
 class Models(Repository):
     """``db.models``: the context user's twin profile and models."""
 
@@ -144,9 +132,9 @@ class Models(Repository):
                 or len(storage_uri) > 2000:
             raise ValidationError("storage_uri must be a URI (scheme://…), not the model data")
         row = await self._db.fetch_one(
-            CREATE, kind=_kind(kind), name=name, provider=provider, storage_uri=storage_uri,
-            status=_status(status), quality_metrics=quality_metrics,
-            training_params=training_params)
+            CREATE, kind=check_choice(kind, KINDS, "model kind"), name=name, provider=provider,
+            storage_uri=storage_uri, status=check_choice(status, STATUSES, "model status"),
+            quality_metrics=quality_metrics, training_params=training_params)
         if row is None:  # an INSERT … VALUES returns its row or raises
             raise NotFound("model not created", query=CREATE.name)
         return row
@@ -156,20 +144,22 @@ class Models(Repository):
 
     async def list(self, *, kind: str | None = None, limit: int = 100) -> builtins.list[Model]:
         """The context user's live models, newest first."""
-        return await self._db.fetch_many(LIST, kind=None if kind is None else _kind(kind),
-                                         limit=check_limit(limit))
+        if kind is not None:
+            check_choice(kind, KINDS, "model kind")
+        return await self._db.fetch_many(LIST, kind=kind, limit=check_limit(limit))
 
     async def active(self, kind: str) -> Model | None:
         """The active model of ``kind``, if any."""
-        return await self._db.fetch_one(ACTIVE, kind=_kind(kind))
+        return await self._db.fetch_one(ACTIVE, kind=check_choice(kind, KINDS, "model kind"))
 
     async def set_status(self, model_id: uuid.UUID, status: str, *,
                          quality_metrics: dict[str, Any] | None = None,
                          error: str | None = None) -> Model:
         """Move along uploading → training → ready | failed (ready/failed → training to
         retrain); an illegal move raises ``ValidationError``."""
-        row = await self._db.fetch_one(SET_STATUS, id=model_id, status=_status(status),
-                                       quality_metrics=quality_metrics, error=error)
+        row = await self._db.fetch_one(
+            SET_STATUS, id=model_id, status=check_choice(status, STATUSES, "model status"),
+            quality_metrics=quality_metrics, error=error)
         if row is None:
             raise NotFound("model not found", query=SET_STATUS.name)
         return row

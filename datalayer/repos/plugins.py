@@ -32,7 +32,7 @@ import orjson
 from datalayer.config_schema import check_schema, secret_names, validate
 from datalayer.core.errors import NotFound, ValidationError
 from datalayer.core.rows import RowQuery
-from datalayer.repos._base import Page, Repository, check_limit, page_of
+from datalayer.repos._base import Page, Repository, check_choice, check_limit, page_of
 from datalayer.resolver import PackedCandidates, Resolution, resolve
 from datalayer.security.keyring import DecryptionError
 from datalayer.semver import Range, parse_range, parse_version
@@ -417,12 +417,6 @@ def validate_manifest(manifest: object) -> dict[str, Any]:
     return dict(manifest)
 
 
-def _choice(value: str, allowed: Sequence[str], what: str) -> str:
-    if value not in allowed:
-        raise ValidationError(f"{what} must be one of {', '.join(allowed)}")
-    return value
-
-
 class Plugins(Repository):
     """``db.plugins``: see the module docstring."""
 
@@ -438,7 +432,7 @@ class Plugins(Repository):
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise ValidationError("name must be lowercase letters, digits and '-' "
                                   "(1-64 characters, not starting or ending with '-')")
-        _choice(visibility, ("private", "public"), "visibility")
+        check_choice(visibility, ("private", "public"), "visibility")
         row = await self._db.fetch_one(
             CREATE, id=uuid.uuid4(), name=name, display_name=display_name or name,
             summary=summary, description=description, tags=list(tags),
@@ -459,7 +453,7 @@ class Plugins(Repository):
                      visibility: str | None = None, sla_p95_ms: int | None = None,
                      sla_error_rate: float | None = None) -> Plugin:
         if visibility is not None:
-            _choice(visibility, ("private", "public"), "visibility")
+            check_choice(visibility, ("private", "public"), "visibility")
         row = await self._db.fetch_one(
             UPDATE, id=plugin_id, display_name=display_name, summary=summary,
             description=description, tags=None if tags is None else list(tags),
@@ -473,7 +467,7 @@ class Plugins(Repository):
     async def set_status(self, plugin_id: uuid.UUID, status: str) -> Plugin:
         """Move an own plugin along draft -> in_review -> approved | rejected, approved <->
         deprecated (approve/reject/deprecate: owners and admins)."""
-        _choice(status, ("draft", "in_review", "approved", "rejected", "deprecated"), "status")
+        check_choice(status, ("draft", "in_review", "approved", "rejected", "deprecated"), "status")
         row = await self._db.fetch_one(SET_STATUS, id=plugin_id, status=status)
         if row is None:
             raise NotFound("plugin not found or not writable by this role",
@@ -538,7 +532,7 @@ class Plugins(Repository):
     async def set_version_status(self, version_id: uuid.UUID, status: str, *,
                                  reason: str | None = None) -> PluginVersion:
         """in_review (writers); approved, rejected, deprecated, yanked (owners, admins)."""
-        _choice(status, ("in_review", "approved", "rejected", "deprecated", "yanked"),
+        check_choice(status, ("in_review", "approved", "rejected", "deprecated", "yanked"),
                 "status")
         if status in ("rejected", "yanked") and not reason:
             raise ValidationError(f"a reason is required to mark a version {status}")
@@ -615,9 +609,9 @@ class Plugins(Repository):
     async def add_stage(self, position: int, name: str, *, required_role: str = "admin",
                         environments: Sequence[str] = ENVIRONMENTS) -> Stage:
         """An approval stage of the context organization (owners, admins)."""
-        _choice(required_role, ("owner", "admin", "member"), "required_role")
+        check_choice(required_role, ("owner", "admin", "member"), "required_role")
         for e in environments:
-            _choice(e, ENVIRONMENTS, "environment")
+            check_choice(e, ENVIRONMENTS, "environment")
         row = await self._db.fetch_one(ADD_STAGE, id=uuid.uuid4(), position=position,
                                        name=name, required_role=required_role,
                                        environments=builtins.list(environments))
@@ -631,7 +625,7 @@ class Plugins(Repository):
                      decision: str, *, reason: str | None = None) -> Decision:
         """Record a stage's decision (in stage order, by the stage's role; a rejection, with
         a reason, ends the version's workflow)."""
-        _choice(decision, ("approved", "rejected"), "decision")
+        check_choice(decision, ("approved", "rejected"), "decision")
         if decision == "rejected" and not reason:
             raise ValidationError("a rejection needs a reason")
         row = await self._db.fetch_one(DECIDE, plugin_id=plugin_id, version_id=version_id,
@@ -644,7 +638,7 @@ class Plugins(Repository):
 
     async def set_policy(self, policy: str, *, enabled: bool = True,
                          licenses: Sequence[str] | None = None) -> Policy:
-        _choice(policy, POLICIES, "policy")
+        check_choice(policy, POLICIES, "policy")
         config: dict[str, Any] = {}
         if policy == "license_allowlist":
             if not licenses:
@@ -665,7 +659,7 @@ class Plugins(Repository):
     async def grant_exemption(self, plugin_id: uuid.UUID, policy: str, justification: str, *,
                               ttl: timedelta) -> Exemption:
         """Let ``plugin_id`` pass ``policy`` until now + ``ttl`` (owners, admins)."""
-        _choice(policy, EXEMPTABLE, "policy")
+        check_choice(policy, EXEMPTABLE, "policy")
         if not 10 <= len(justification) <= 2000:
             raise ValidationError("justification must be 10-2000 characters")
         if ttl <= timedelta(0) or ttl > timedelta(days=366):
@@ -684,7 +678,7 @@ class Plugins(Repository):
                            environment: str) -> builtins.list[Violation]:
         """The context organization's policies that refuse installing this version here
         (empty: allowed). The same check runs inside :meth:`install`."""
-        _choice(environment, ENVIRONMENTS, "environment")
+        check_choice(environment, ENVIRONMENTS, "environment")
         return await self._db.fetch_many(POLICY_CHECK, plugin_id=plugin_id,
                                          version_id=version_id, environment=environment)
 
@@ -693,7 +687,7 @@ class Plugins(Repository):
                            affected: str, *, summary: str = "") -> Advisory:
         """An open advisory on an own plugin; ``affected`` is a range of one interval
         (``>=1.0.0 <1.4.2``, ``<2.0.1``); its upper bound is the fixed-in version."""
-        _choice(severity, SEVERITIES, "severity")
+        check_choice(severity, SEVERITIES, "severity")
         rng = parse_range(affected)
         lo, hi = rng.interval()
         row = await self._db.fetch_one(
@@ -726,10 +720,8 @@ class Plugins(Repository):
         ``config`` is validated against the version manifest's ``config_schema`` (properties
         marked ``secret`` belong in ``secrets``, which are encrypted). The policy check runs
         in SQL; a violation raises :class:`ValidationError` naming the policy."""
-        _choice(environment, ENVIRONMENTS, "environment")
-        ctx = self._db.context
-        if ctx is None or ctx.org_id is None:
-            raise ValidationError("install a plugin in a tenant session")
+        check_choice(environment, ENVIRONMENTS, "environment")
+        org_id = self._tenant_org("install a plugin")
         ver = await self.get_version(version_id)
         if ver is None or ver.plugin_id != plugin_id:
             raise NotFound("plugin version not found", query=GET_VERSION.name)
@@ -747,7 +739,7 @@ class Plugins(Repository):
         secret_id = None
         if sec:
             secret_id = uuid.uuid4()
-            blob = self._db.dl.keyring.encrypt(orjson.dumps(sec), org_id=ctx.org_id,
+            blob = self._db.dl.keyring.encrypt(orjson.dumps(sec), org_id=org_id,
                                                table=_TABLE, row_id=secret_id, column=_COLUMN)
             await self._db.scalar("plugins.store_secret", id=secret_id, plugin_id=plugin_id,
                                   environment=environment, secret=blob)
@@ -771,7 +763,7 @@ class Plugins(Repository):
     async def rollback(self, plugin_id: uuid.UUID, environment: str) -> Installation:
         """Restore the deployment before the latest one (version, config, secrets, enabled)
         in one statement. The policy check runs again when the version changes."""
-        _choice(environment, ENVIRONMENTS, "environment")
+        check_choice(environment, ENVIRONMENTS, "environment")
         row = await self._db.fetch_one(ROLLBACK, plugin_id=plugin_id, environment=environment)
         if row is None:
             raise NotFound("no earlier deployment to roll back to", query=ROLLBACK.name)

@@ -279,13 +279,11 @@ class Webhooks(Repository):
             raise ValidationError(f"method must be one of {', '.join(METHODS)}")
         if not 1 <= max_attempts <= 100:
             raise ValidationError("max_attempts must be between 1 and 100")
-        ctx = self._db.context
-        if ctx is None or ctx.org_id is None:
-            raise ValidationError("create a webhook in a tenant session")
+        org_id = self._tenant_org("create a webhook")
         wid = uuid.uuid4()
         token = "wh_" + secrets.token_urlsafe(_TOKEN_BYTES)
         secret = "whsec_" + secrets.token_urlsafe(_TOKEN_BYTES)
-        blob = self._db.dl.keyring.encrypt_str(secret, org_id=ctx.org_id, table=_TABLE,
+        blob = self._db.dl.keyring.encrypt_str(secret, org_id=org_id, table=_TABLE,
                                                row_id=wid, column=_COLUMN)
         row = await self._db.fetch_one(
             CREATE, id=wid, workflow_id=workflow_id, name=name, path_token_hash=hash_token(token),
@@ -312,11 +310,9 @@ class Webhooks(Repository):
 
     async def rotate_secret(self, webhook_id: uuid.UUID) -> str:
         """A new signing secret (returned once); the old one stops verifying at commit."""
-        ctx = self._db.context
-        if ctx is None or ctx.org_id is None:
-            raise ValidationError("rotate a webhook secret in a tenant session")
+        org_id = self._tenant_org("rotate a webhook secret")
         secret = "whsec_" + secrets.token_urlsafe(_TOKEN_BYTES)
-        blob = self._db.dl.keyring.encrypt_str(secret, org_id=ctx.org_id, table=_TABLE,
+        blob = self._db.dl.keyring.encrypt_str(secret, org_id=org_id, table=_TABLE,
                                                row_id=webhook_id, column=_COLUMN)
         if await self._db.fetch_one(SET_SECRET, id=webhook_id, secret=blob) is None:
             raise NotFound("webhook not found or not writable by this role",

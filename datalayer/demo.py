@@ -14,6 +14,7 @@ import asyncpg
 from datalayer.core.context import Context
 from datalayer.core.database import DataLayer
 from datalayer.core.errors import translate
+from datalayer.stats import format_stats
 
 __all__ = ["run_demo"]
 
@@ -692,19 +693,7 @@ async def _stats_and_health(dl: DataLayer, out: TextIO) -> None:
     say("== Stats: the queries this demo ran, by total time; maintenance; health ==")
     figures = dl.metrics.snapshot()
     say(f"{len(figures)} registry queries ran, {sum(f.calls for f in figures)} executions")
-    say(f"  {'query':34} {'calls':>5} {'total ms':>9} {'p50':>7} {'p95':>7} {'p99':>7} "
-        f"{'max':>7} {'errors'}")
-    for f in figures[:8]:
-        errors = ", ".join(f"{k}x{v}" for k, v in f.errors.items()) or "-"
-        say(f"  {f.name[:34]:34} {f.calls:>5} {f.total_ms:>9.2f} {f.p50_ms:>7.2f} "
-            f"{f.p95_ms:>7.2f} {f.p99_ms:>7.2f} {f.max_ms:>7.2f} {errors}")
-    stats = await dl.stats(explain=False)
-    p = stats.pg_stat_statements
-    say("pg_stat_statements: " + ("matched by provenance comment" if p.get("available")
-                                  else f"unavailable ({p.get('action')})"))
-    say(f"{len(stats.recommendations)} recommendation(s) from the catalog"
-        + (f", e.g. [{stats.recommendations[0].kind}] {stats.recommendations[0].subject}"
-           if stats.recommendations else ""))
+    say(format_stats(await dl.stats(explain=False), top=8))
     results = await dl.maintain(["partitions", "notifications.expired", "web_sessions.sweep"])
     for r in results:
         say(f"maintain {r.job:22} {r.status:7} "

@@ -328,7 +328,8 @@ def format_stats(stats: Stats, *, top: int = 15) -> str:
                                            else f"unavailable ({p.get('action')})"))
     m = stats.metrics
     lines.append(f"slow queries: {m.get('slow', 0)} seen, {m.get('samples_persisted', 0)} "
-                 f"persisted, {m.get('samples_dropped', 0)} dropped")
+                 f"persisted, {m.get('samples_dropped', 0)} dropped, "
+                 f"{m.get('flush_errors', 0)} failed writes")
     for s in stats.slow_samples[:5]:
         lines.append(f"  slow {s['query_name']}: {s['samples']} samples, p95 "
                      f"{s['p95_ms']:.1f} ms, max {s['max_ms']:.1f} ms")

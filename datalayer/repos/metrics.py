@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from datalayer.core.errors import ValidationError
 from datalayer.core.rows import RowQuery
-from datalayer.repos._base import Repository
+from datalayer.repos._base import Repository, check_choice
 
 if TYPE_CHECKING:
     from datalayer.core.database import DataLayer
@@ -38,6 +38,7 @@ __all__ = ["RESOLUTIONS", "Bucket", "Metrics", "Point", "Series", "metrics_reten
 RESOLUTIONS: tuple[tuple[str, timedelta], ...] = (
     ("raw", timedelta(seconds=1)), ("1m", timedelta(minutes=1)), ("1h", timedelta(hours=1)),
     ("1d", timedelta(days=1)))
+_NAMES = tuple(name for name, _ in RESOLUTIONS)
 MAX_BATCH = 100_000
 
 
@@ -108,8 +109,7 @@ class Metrics(Repository):
         return await self._db.fetch_many(RESOLUTION_ROWS)
 
     async def set_retention(self, resolution: str, keep: timedelta) -> None:
-        if resolution not in dict(RESOLUTIONS):
-            raise ValidationError(f"resolution must be one of {', '.join(dict(RESOLUTIONS))}")
+        check_choice(resolution, _NAMES, "resolution")
         if keep <= timedelta(0):
             raise ValidationError("keep must be a positive duration")
         await self._db.execrows("metrics.set_retention", resolution=resolution, keep=keep)
@@ -130,8 +130,8 @@ class Metrics(Repository):
             resolution = self.best_resolution(start, end, max_points,
                                               {r.resolution: r.keep
                                                for r in await self.resolutions()})
-        elif resolution not in dict(RESOLUTIONS):
-            raise ValidationError(f"resolution must be one of {', '.join(dict(RESOLUTIONS))}")
+        else:
+            check_choice(resolution, _NAMES, "resolution")
         rows = await self._db.fetch_many(SERIES, name=name, labels=dict(labels or {}),
                                          start=start, end=end, resolution=resolution)
         return Series(resolution, rows)

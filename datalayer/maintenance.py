@@ -48,6 +48,9 @@ JobFn = Callable[["DataLayer"], Awaitable[dict[str, int]]]
 
 # Retention of the operator and queue tables the jobs below prune.
 WEBHOOK_EVENT_RETENTION = timedelta(days=30)
+# Raw plugin usage events; the daily roll-up (plugins.usage_rollup, its last two days) keeps
+# what they counted, so this only has to outlast the roll-up's window.
+PLUGIN_USAGE_RETENTION = timedelta(days=30)
 QUERY_SAMPLE_RETENTION = timedelta(days=14)
 VIOLATION_RETENTION = timedelta(days=30)
 BATCH = 5000
@@ -130,6 +133,17 @@ async def purge_webhook_events(dl: DataLayer) -> dict[str, int]:
 
     before = datetime.now(UTC) - WEBHOOK_EVENT_RETENTION
     return {"deleted": await purge_all(dl, before, batch=BATCH)}
+
+
+async def purge_plugin_usage(dl: DataLayer) -> dict[str, int]:
+    """Raw plugin usage events older than PLUGIN_USAGE_RETENTION."""
+    before = datetime.now(UTC) - PLUGIN_USAGE_RETENTION
+
+    async def step(db: Any) -> int:
+        n: int = await db.execrows("plugins.usage_purge", before=before, limit=BATCH)
+        return n
+
+    return {"deleted": await _drain(dl, step, BATCH)}
 
 
 async def delete_expired_notifications(dl: DataLayer) -> dict[str, int]:
@@ -225,6 +239,8 @@ JOBS: tuple[Job, ...] = (
         "requeue knowledge documents of dead workers (fail them after 5 attempts)"),
     Job("plugins.usage_rollup", plugin_usage_rollup,
         "recompute the last two UTC days of per-plugin, per-organization usage roll-ups"),
+    Job("plugins.usage_purge", purge_plugin_usage,
+        "delete raw plugin usage events older than 30 days (the roll-ups keep their counts)"),
     Job("plugins.quality", plugin_quality_refresh,
         "refresh every approved plugin version's quality score"),
     Job("analytics.refresh", refresh_analytics,

@@ -315,6 +315,16 @@ WITH agg AS (
 )
 SELECT count(*) FROM up;
 
+-- name: usage_purge :execrows
+-- Retention of the raw usage events (dl.system()): up to :limit events that occurred before
+-- :before (the daily roll-up keeps their counts: it recomputes only its last days). One
+-- short batch; call again until it deletes fewer than :limit.
+DELETE FROM plugin_usage_events
+WHERE ctid = ANY(ARRAY(
+  SELECT e.ctid FROM plugin_usage_events e
+  WHERE e.occurred_at < :before
+  LIMIT :limit));
+
 -- name: usage_daily :many
 -- The context organization's own daily usage of a plugin.
 SELECT org_id, plugin_id, day, installs, uninstalls, invocations, errors, latency_n, p50_ms,

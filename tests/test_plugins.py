@@ -639,6 +639,31 @@ async def test_usage_is_rolled_up_idempotently_and_read_per_org(
         assert sla is not None and sla.errors == 4 and sla.compliant is False
 
 
+async def test_raw_usage_events_are_purged_after_the_retention(
+    dl: DataLayer, pub: Tenant, con: Tenant, admin_conn: asyncpg.Connection,
+) -> None:
+    """plugins.usage_purge deletes the raw events older than 30 days and nothing newer; the
+    roll-ups stay."""
+    from datalayer.maintenance import PLUGIN_USAGE_RETENTION
+
+    p, _ = await publish(dl, pub.owner, uniq("purge"), {"1.0.0": {}})
+    now = datetime.now(UTC)
+    old = now - PLUGIN_USAGE_RETENTION - timedelta(hours=1)
+    young = now - PLUGIN_USAGE_RETENTION + timedelta(hours=1)
+    async with dl.session(con.owner) as db:
+        await db.plugins.ingest_usage([UsageEvent(p.id, "invocation", 1.0, old)] * 3
+                                      + [UsageEvent(p.id, "invocation", 1.0, young)])
+    await plugin_usage_rollup(dl, days=40)
+    daily = "SELECT count(*) FROM plugin_usage_daily WHERE plugin_id = $1"
+    rolled = await admin_conn.fetchval(daily, p.id)
+    (result,) = await dl.maintain(["plugins.usage_purge"])
+    assert result.status == "ok" and result.counts["deleted"] >= 3
+    left = await admin_conn.fetch(
+        "SELECT occurred_at FROM plugin_usage_events WHERE plugin_id = $1", p.id)
+    assert [r["occurred_at"] for r in left] == [young]
+    assert rolled >= 1 and await admin_conn.fetchval(daily, p.id) == rolled
+
+
 async def test_quality_refresh_scores_published_versions(
     dl: DataLayer, pub: Tenant,
 ) -> None:

@@ -138,7 +138,7 @@ async def test_rotation_reencrypts_everything_and_is_idempotent(url: str) -> Non
             assert not any(left.values())
             before = await conn.fetch("SELECT id, secret, updated_at FROM credentials")
             again = await rotate(dl, batch=4)
-            assert again.total_rotated == 0 and again.batches == 0
+            assert again.total_rotated == 0 and again.batches == 0 and again.passes == 0
             assert await conn.fetch("SELECT id, secret, updated_at FROM credentials") == before
         async with layer(url, NEW) as only_new:  # the old key can go now
             await check_all_decrypt(only_new, s)

@@ -174,13 +174,11 @@ def _reencrypt(keyring: Keyring, col: EncryptedColumn, org: UUID | None, row_id:
     return new
 
 
-async def _pass(dl: DataLayer, col: EncryptedColumn, report: RotationReport, *, batch: int,
-                progress: Progress | None, org_id: UUID | None) -> int:
-    """One walk over a column; returns rows skipped (changed concurrently or undecryptable)."""
+async def _pass(dl: DataLayer, col: EncryptedColumn, report: RotationReport, *, total: int,
+                batch: int, progress: Progress | None, org_id: UUID | None) -> int:
+    """One walk over a column that had ``total`` rows under another key when counted;
+    returns rows skipped (changed concurrently or undecryptable)."""
     sql, keyring, kid = _Sql(col), dl.keyring, dl.keyring.active_kid
-    async with dl.system() as db:
-        total = int(await guarded(db.connection.fetchval(sql.count, kid, org_id),
-                                  "rotation.count"))
     after_id: Any = None
     after_org: UUID | None = None
     n = skipped = 0
@@ -258,14 +256,18 @@ async def rotate(dl: DataLayer, *, batch: int = 500, progress: Progress | None =
     for col in cols:
         report.rotated.setdefault(col.name, 0)
         report.skipped.setdefault(col.name, 0)
-    left: dict[str, int] = {}
+    # One count per column and pass: the count that closes a pass opens the next one.
+    left = {k: v for k, v in (await remaining(dl, org_id=org_id)).items() if v}
     for p in range(MAX_PASSES):
+        if not left:
+            break
         report.passes = p + 1
         before = report.total_rotated
         skipped = 0
         for col in cols:
-            skipped += await _pass(dl, col, report, batch=batch, progress=progress,
-                                   org_id=org_id)
+            if left.get(col.name):
+                skipped += await _pass(dl, col, report, total=left[col.name], batch=batch,
+                                       progress=progress, org_id=org_id)
         left = {k: v for k, v in (await remaining(dl, org_id=org_id)).items() if v}
         # done; or nothing this pass can fix (undecryptable rows, or no progress at all)
         if not left or report.failed or (report.total_rotated == before and not skipped):

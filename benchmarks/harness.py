@@ -353,6 +353,7 @@ async def run(settings: Settings, names: list[str] | None, *, json_path: Path | 
         print(header(), file=out, flush=True)
         for scenario in scenarios:
             print(f"[bench] {scenario.name}: setup", file=err, flush=True)
+            await _reset_baseline(pool)
             state = await scenario.setup(bctx)
             await _settle(pool, err)
             for c in concurrency:
@@ -367,6 +368,20 @@ async def run(settings: Settings, names: list[str] | None, *, json_path: Path | 
         await asyncio.to_thread(json_path.write_bytes, data)
         print(f"[bench] wrote {json_path}", file=err, flush=True)
     return rows
+
+
+async def _reset_baseline(pool: asyncpg.Pool) -> None:
+    """Every scenario's baseline starts from the login role's defaults: ``RESET ALL`` on each
+    raw connection clears what an earlier scenario left there (``_no_reset`` keeps session
+    settings between operations, and some setups apply an ``app.*`` context once for their
+    baseline's whole run, which a later scenario's SQL must not see)."""
+    conns = [await pool.acquire() for _ in range(pool.get_max_size())]
+    try:
+        for conn in conns:
+            await conn.execute("RESET ALL")
+    finally:
+        for conn in conns:
+            await pool.release(conn)
 
 
 async def _settle(pool: asyncpg.Pool, err: TextIO) -> None:

@@ -83,3 +83,39 @@ def test_bind_context_turns_the_context_helpers_into_parameters() -> None:
         "SELECT * FROM t WHERE org_id = $2::uuid AND x = $1")
     with pytest.raises(ValidationError, match=r"app\.user_id\(\) unused in a WITH query"):
         harness.bind_context("WITH a AS (SELECT app.org_id()) SELECT * FROM a", 0)
+
+
+async def test_each_scenario_starts_from_a_clean_baseline_connection(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A setup may apply a context to the raw connections for its own baseline (the
+    analytics and search scenarios do); the next scenario's baseline must not inherit it:
+    a rate-limit check refuses to run under a tenant context, so a full run used to fail."""
+    seen: dict[str, set[str]] = {}
+
+    async def leave_a_context(b: harness.BenchContext) -> None:
+        conns = [await b.pool.acquire() for _ in range(b.pool.get_max_size())]
+        for conn in conns:
+            await conn.execute("SELECT set_config('app.org_id', $1, false), "
+                               "set_config('app.role', 'owner', false)",
+                               "00000000-0000-0000-0000-000000000001")
+            await b.pool.release(conn)
+
+    async def read_settings(b: harness.BenchContext) -> None:
+        conns = [await b.pool.acquire() for _ in range(b.pool.get_max_size())]
+        for conn in conns:
+            row = await conn.fetchrow("SELECT current_setting('app.org_id', true) AS org, "
+                                      "current_setting('app.role', true) AS role")
+            assert row is not None
+            seen.setdefault("after", set()).add(f"{row['org'] or ''}/{row['role'] or ''}")
+            await b.pool.release(conn)
+
+    async def op(b: harness.BenchContext, state: object, i: int) -> None:
+        await b.pool.fetchval("SELECT 1")
+
+    scenarios = [harness.Scenario("t.first", leave_a_context, op, op),
+                 harness.Scenario("t.second", read_settings, op, op)]
+    monkeypatch.setattr(harness, "discover", lambda: scenarios)
+    rows = await harness.run(settings, None, json_path=None, duration_s=0.1,
+                             concurrency=(1,), out=io.StringIO(), progress=io.StringIO())
+    assert [r["scenario"] for r in rows] == ["t.first", "t.second"]
+    assert seen == {"after": {"/"}}

@@ -27,6 +27,7 @@ from typing import Any
 from datalayer import Context
 from datalayer.repos.analytics import refresh_analytics
 
+from .core import owned_org
 from .harness import BenchContext, Scenario
 
 __all__ = ["SCENARIOS"]
@@ -65,12 +66,8 @@ class AnalyticsState:
 
 async def _org(bctx: BenchContext, workflows: int) -> tuple[uuid.UUID, uuid.UUID]:
     dl = bctx.dl
-    org, owner_id = uuid.uuid4(), uuid.uuid4()
-    owner = Context(org, user_id=owner_id, role="owner")
-    async with dl.session(owner) as db:
-        await db.orgs.create(slug=f"bench-an-{org.hex[:12]}", name="Analytics bench")
-        await db.users.create(email=f"owner-{org.hex[:12]}@bench.test")
-        await db.memberships.add(owner_id, "owner")
+    owner = await owned_org(bctx, "analytics")
+    org, owner_id = owner.org_id, owner.user_id
     async with dl.system() as db:
         await db.connection.execute(
             "INSERT INTO workflows (org_id, name, owner_id) "

@@ -30,6 +30,7 @@ from typing import Any
 
 from datalayer import Context
 
+from .core import owned_org
 from .harness import BenchContext, Scenario, bind_context
 
 __all__ = ["SCENARIOS", "TwinWorld", "twin_world"]
@@ -56,11 +57,7 @@ async def twin_world(bctx: BenchContext) -> TwinWorld:
     if cached is not None:
         return cached
     dl, run = bctx.dl, uuid.uuid4().hex[:8]
-    org, owner = uuid.uuid4(), uuid.uuid4()
-    async with dl.session(Context(org, user_id=owner, role="owner")) as db:
-        await db.orgs.create(slug=f"bench-twin-{run}", name="DigiTwin bench")
-        await db.users.create(email=f"owner-{run}@twin.bench.test")
-        await db.memberships.add(owner, "owner")
+    org = (await owned_org(bctx, "twin")).org_id
     users = tuple(uuid.uuid4() for _ in range(USERS))
     now = datetime.now(UTC)
     t0 = time.perf_counter()

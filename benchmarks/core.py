@@ -15,7 +15,7 @@ from datalayer import Context
 
 from .harness import BenchContext, Scenario
 
-__all__ = ["SCENARIOS", "CoreState", "tenants"]
+__all__ = ["SCENARIOS", "CoreState", "Owned", "owned_org", "tenants"]
 
 TENANTS = 97  # ≥ 64 and prime: cycling never lines up with the 16 connections
 
@@ -39,6 +39,28 @@ async def tenants(bctx: BenchContext, n: int) -> list[uuid.UUID]:
 
         have.extend(await asyncio.gather(*(create() for _ in range(missing))))
     return have[:n]
+
+
+@dataclass(frozen=True, slots=True)
+class Owned:
+    """An organization made by :func:`owned_org` and its owner."""
+
+    org_id: uuid.UUID
+    user_id: uuid.UUID
+    ctx: Context  # the owner's context
+
+
+async def owned_org(bctx: BenchContext, name: str) -> Owned:
+    """A new organization with its owner (a user and an owner membership), created through
+    the repositories as a service would. Slug and e-mail carry part of a fresh uuid, so runs
+    never collide."""
+    org, owner = uuid.uuid4(), uuid.uuid4()
+    ctx, tag = Context(org, user_id=owner, role="owner"), org.hex[:12]
+    async with bctx.dl.session(ctx) as db:
+        await db.orgs.create(slug=f"bench-{name}-{tag}", name=f"{name} bench")
+        await db.users.create(email=f"owner-{tag}@{name}.bench.test")
+        await db.memberships.add(owner, "owner")
+    return Owned(org, owner, ctx)
 
 
 @dataclass(frozen=True, slots=True)

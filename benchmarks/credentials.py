@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from datalayer import Context
 
+from .core import owned_org
 from .harness import BenchContext, Scenario
 
 __all__ = ["SCENARIOS"]
@@ -36,15 +37,12 @@ async def _setup(bctx: BenchContext) -> CredState:
     cached: CredState | None = bctx.cache.get("credentials")
     if cached is not None:
         return cached
-    dl, run = bctx.dl, uuid.uuid4().hex[:8]
+    dl = bctx.dl
     ctxs, creds = [], []
     for t in range(TENANTS):
-        org, owner = uuid.uuid4(), uuid.uuid4()
-        ctx = Context(org, user_id=owner, role="owner")
+        made = await owned_org(bctx, "credentials")
+        org, ctx = made.org_id, made.ctx
         async with dl.session(ctx) as db:
-            await db.orgs.create(slug=f"bench-cred-{run}-{t}", name="Credentials bench")
-            await db.users.create(email=f"cred-{run}-{t}@bench.test")
-            await db.memberships.add(owner, "owner")
             ids = [(await db.credentials.create(
                 f"cred {i}", "oauth2",
                 {"access_token": uuid.uuid4().hex * 4, "refresh_token": uuid.uuid4().hex,

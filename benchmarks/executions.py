@@ -31,6 +31,7 @@ from datalayer import Context, DataLayer
 from datalayer.queue import WAKE_CHANNEL, Worker
 from datalayer.repos.executions import Execution
 
+from .core import owned_org
 from .harness import BenchContext, Scenario, throughput
 
 __all__ = ["SCENARIOS"]
@@ -55,12 +56,9 @@ async def _tenant(bctx: BenchContext) -> BenchTenant:
     if cached is not None:
         return cached
     dl = bctx.dl
-    org, owner_id = uuid.uuid4(), uuid.uuid4()
-    owner = Context(org, user_id=owner_id, role="owner")
+    made = await owned_org(bctx, "executions")
+    org, owner = made.org_id, made.ctx
     async with dl.session(owner) as db:
-        await db.orgs.create(slug=f"bench-ex-{org.hex[:12]}", name="Executions bench")
-        await db.users.create(email=f"owner-{org.hex[:12]}@bench.test")
-        await db.memberships.add(owner_id, "owner")
         wf = await db.workflows.create("bench", nodes=[{"id": "a", "type": "code"}])
     t = BenchTenant(org, owner, wf.id, wf.current_version)
     bctx.cache["executions.tenant"] = t

@@ -16,6 +16,7 @@ from typing import Any
 
 from datalayer import Context
 
+from .core import owned_org
 from .harness import BenchContext, Scenario, bind_context
 
 __all__ = ["SCENARIOS"]
@@ -36,10 +37,8 @@ async def _setup(bctx: BenchContext) -> ConsentState:
     cached: ConsentState | None = bctx.cache.get("gdpr")
     if cached is not None:
         return cached
-    dl, run = bctx.dl, uuid.uuid4().hex[:8]
-    org, owner = uuid.uuid4(), uuid.uuid4()
-    async with dl.session(Context(org, user_id=owner, role="owner")) as db:
-        await db.orgs.create(slug=f"bench-gdpr-{run}", name="GDPR bench")
+    dl = bctx.dl
+    org = (await owned_org(bctx, "gdpr")).org_id
     users = [uuid.uuid4() for _ in range(USERS)]
     async with dl.system() as db:
         await db.connection.execute(

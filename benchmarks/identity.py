@@ -17,6 +17,7 @@ from typing import Any
 from datalayer import Context
 from datalayer.repos.api_keys import hash_key
 
+from .core import owned_org
 from .harness import BenchContext, Scenario, bind_context
 
 __all__ = ["SCENARIOS"]
@@ -48,12 +49,9 @@ async def _setup(bctx: BenchContext) -> IdentityState:
     users: list[tuple[Any, ...]] = []
     memberships: list[tuple[Any, ...]] = []
     for t in range(TENANTS):
-        org, owner = uuid.uuid4(), uuid.uuid4()
-        ctx = Context(org, user_id=owner, role="owner")
-        async with dl.session(ctx) as db:
-            await db.orgs.create(slug=f"bench-id-{run}-{t}", name="Identity bench")
-            await db.users.create(email=f"owner-{run}-{t}@bench.test")
-            await db.memberships.add(owner, "owner")
+        made = await owned_org(bctx, "identity")
+        org, owner = made.org_id, made.user_id
+        async with dl.session(made.ctx) as db:
             keys.append((await db.api_keys.create("bench")).secret)
         ids = [uuid.uuid4() for _ in range(USERS_PER_TENANT)]
         now = datetime.now(UTC)

@@ -22,6 +22,7 @@ from typing import Any
 
 from datalayer import Context
 
+from .core import owned_org
 from .harness import BenchContext, Scenario
 
 __all__ = ["SCENARIOS"]
@@ -83,12 +84,8 @@ class SearchState:
 
 
 async def _setup(bctx: BenchContext) -> SearchState:
-    org, user = uuid.uuid4(), uuid.uuid4()
-    ctx = Context(org, user_id=user, role="owner")
-    async with bctx.dl.session(ctx) as db:
-        await db.orgs.create(slug=f"bench-know-{org.hex[:12]}", name="Knowledge bench")
-        await db.users.create(email=f"owner-{org.hex[:12]}@know.bench.test")
-        await db.memberships.add(user, "owner")
+    made = await owned_org(bctx, "knowledge")
+    org, user, ctx = made.org_id, made.user_id, made.ctx
     t0 = time.perf_counter()
     async with bctx.dl.system() as db:
         await db.connection.execute(_SEED, org, user, DOCUMENTS, CHUNKS)

@@ -16,6 +16,7 @@ from typing import Any
 from datalayer import Context
 from datalayer.repos._base import LAST
 
+from .core import owned_org
 from .harness import BenchContext, Scenario, bind_context
 
 __all__ = ["SCENARIOS"]
@@ -37,12 +38,9 @@ async def _setup(bctx: BenchContext) -> NotificationState:
     cached: NotificationState | None = bctx.cache.get("notifications")
     if cached is not None:
         return cached
-    dl, run = bctx.dl, uuid.uuid4().hex[:8]
-    org, owner = uuid.uuid4(), uuid.uuid4()
-    async with dl.session(Context(org, user_id=owner, role="owner")) as db:
-        await db.orgs.create(slug=f"bench-notify-{run}", name="Notifications bench")
-        await db.users.create(email=f"owner-{run}@bench.test")
-        await db.memberships.add(owner, "owner")
+    dl = bctx.dl
+    made = await owned_org(bctx, "notifications")
+    org, owner = made.org_id, made.user_id
     async with dl.system() as db:
         await db.connection.execute(
             """INSERT INTO notifications (org_id, user_id, type, title, message, data, priority,

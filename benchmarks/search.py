@@ -22,6 +22,7 @@ from typing import Any
 
 from datalayer import Context
 
+from .core import owned_org
 from .harness import BenchContext, Scenario
 
 __all__ = ["SCENARIOS"]
@@ -64,12 +65,8 @@ class SearchState:
 
 async def _setup(bctx: BenchContext) -> SearchState:
     dl = bctx.dl
-    org, owner_id, member_id = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
-    owner = Context(org, user_id=owner_id, role="owner")
-    async with dl.session(owner) as db:
-        await db.orgs.create(slug=f"bench-search-{org.hex[:12]}", name="Search bench")
-        await db.users.create(email=f"owner-{org.hex[:12]}@bench.test")
-        await db.memberships.add(owner_id, "owner")
+    owner = await owned_org(bctx, "search")
+    org, owner_id, member_id = owner.org_id, owner.user_id, uuid.uuid4()
     async with dl.system() as db:
         await db.connection.execute(
             "INSERT INTO users (id, email) VALUES ($1, $2)", member_id,

@@ -20,9 +20,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from datalayer import Context
 from datalayer.repos.webhooks import Incoming
 
+from .core import owned_org
 from .harness import BenchContext, Scenario, throughput
 
 __all__ = ["SCENARIOS"]
@@ -43,12 +43,9 @@ async def _hook(bctx: BenchContext, tag: str) -> BenchHook:
     """A fresh organization, workflow and webhook (one per scenario: their queues and
     idempotency keys stay apart)."""
     dl = bctx.dl
-    org, owner_id = uuid.uuid4(), uuid.uuid4()
-    owner = Context(org, user_id=owner_id, role="owner")
+    made = await owned_org(bctx, "webhooks")
+    org, owner = made.org_id, made.ctx
     async with dl.session(owner) as db:
-        await db.orgs.create(slug=f"bench-wh-{org.hex[:12]}", name=f"Webhooks bench {tag}")
-        await db.users.create(email=f"owner-{org.hex[:12]}@bench.test")
-        await db.memberships.add(owner_id, "owner")
         wf = await db.workflows.create("bench", nodes=[{"id": "a", "type": "code"}])
         hook = await db.webhooks.create(wf.id, name=tag)
 

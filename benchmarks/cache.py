@@ -32,7 +32,7 @@ from datalayer.cache import Cache, MemoryBackend, Namespace, NamespaceCache
 from datalayer.cache.postgres import PostgresBackend
 from datalayer.cache.redis import RedisBackend
 
-from .harness import POOL_SIZE, BenchContext, Scenario
+from .harness import POOL_SIZE, BenchContext, Scenario, Skip
 
 __all__ = ["SCENARIOS"]
 
@@ -74,13 +74,12 @@ def _redis_prefix(bctx: BenchContext, url: str) -> str:
 # -- get per backend ----------------------------------------------------------------------
 @dataclass
 class GetState:
-    ns: NamespaceCache[Any] | None
+    ns: NamespaceCache[Any]
     keys: list[str]
     raw_keys: list[str] = field(default_factory=list)
     table: dict[str, Any] = field(default_factory=dict)
     client: aioredis.Redis | None = None
     sql: str = ""
-    skipped: str | None = None
     misses: int = 0  # a warm key missed: the backend failed or was too slow (reported)
 
 
@@ -100,7 +99,7 @@ async def _setup_memory(bctx: BenchContext) -> GetState:
 async def _setup_redis(bctx: BenchContext) -> GetState:
     url = bctx.settings.redis_url
     if url is None:
-        return GetState(None, [], skipped="REDIS_URL is not set")
+        raise Skip("REDIS_URL is not set")
     prefix = _redis_prefix(bctx, url)
     cache = await _started(bctx, Cache(RedisBackend(url, prefix=prefix)))
     ns = cache.namespace(Namespace("bench.get", ttl=3600))
@@ -120,7 +119,7 @@ async def _setup_postgres(bctx: BenchContext) -> GetState:
 
 
 async def _get(b: BenchContext, s: GetState, i: int) -> None:
-    if s.ns is not None and await s.ns.get(s.keys[i % GET_KEYS]) is None:
+    if await s.ns.get(s.keys[i % GET_KEYS]) is None:
         s.misses += 1
 
 
@@ -130,12 +129,11 @@ async def _get_dict(b: BenchContext, s: GetState, i: int) -> None:
 
 
 async def _get_redis_raw(b: BenchContext, s: GetState, i: int) -> None:
-    if s.client is not None:
-        await s.client.get(s.raw_keys[i % GET_KEYS])
+    assert s.client is not None
+    await s.client.get(s.raw_keys[i % GET_KEYS])
 
 
 async def _get_pg_raw(b: BenchContext, s: GetState, i: int) -> None:
-    assert s.ns is not None
     async with b.pool.acquire() as conn:
         await conn.fetchval(s.sql, s.ns.name, s.keys[i % GET_KEYS])
 
@@ -145,8 +143,6 @@ def _target(ms: float | None) -> Any:
         out: dict[str, Any] = {"misses": s.misses}
         if ms is not None:
             out["p99_target_ms"] = ms
-        if s.skipped:
-            out["skipped"] = s.skipped
         s.misses = 0
         return out
     return extra

@@ -39,6 +39,7 @@ __all__ = [
     "CONTRACT_FIELDS",
     "BenchContext",
     "Scenario",
+    "Skip",
     "bind_context",
     "discover",
     "measure",
@@ -57,6 +58,12 @@ CONTRACT_FIELDS = ("scenario", "concurrency", "ops_per_s", "p50_ms", "p95_ms", "
 POOL_SIZE = 16  # both pools, both sides: the same number of connections
 DEFAULT_CONCURRENCY = (1, 16)
 DEFAULT_ROUNDS = 3
+
+
+class Skip(Exception):
+    """Raised by a setup whose scenario cannot run here (e.g. no ``REDIS_URL`` for a Redis
+    scenario): the run says why on stderr and in the table, reports no row for it, and goes
+    on with the next scenario."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,7 +361,12 @@ async def run(settings: Settings, names: list[str] | None, *, json_path: Path | 
         for scenario in scenarios:
             print(f"[bench] {scenario.name}: setup", file=err, flush=True)
             await _reset_baseline(pool)
-            state = await scenario.setup(bctx)
+            try:
+                state = await scenario.setup(bctx)
+            except Skip as e:
+                print(f"[bench] {scenario.name}: skipped: {e}", file=err, flush=True)
+                print(f"{scenario.name:<28}  skipped: {e}", file=out, flush=True)
+                continue
             await _settle(pool, err)
             for c in concurrency:
                 print(f"[bench] {scenario.name}: concurrency {c}, {duration_s:g}s",

@@ -119,3 +119,27 @@ async def test_each_scenario_starts_from_a_clean_baseline_connection(
                              concurrency=(1,), out=io.StringIO(), progress=io.StringIO())
     assert [r["scenario"] for r in rows] == ["t.first", "t.second"]
     assert seen == {"after": {"/"}}
+
+
+async def test_a_scenario_that_cannot_run_here_is_skipped_and_the_run_goes_on(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Redis scenario without REDIS_URL used to end a full run with an error halfway."""
+    async def ready(b: harness.BenchContext) -> None:
+        return None
+
+    async def no_redis(b: harness.BenchContext) -> None:
+        raise harness.Skip("REDIS_URL is not set")
+
+    async def op(b: harness.BenchContext, state: object, i: int) -> None:
+        await b.pool.fetchval("SELECT 1")
+
+    scenarios = [harness.Scenario("t.before", ready, op, op),
+                 harness.Scenario("t.redis", no_redis, op, op),
+                 harness.Scenario("t.after", ready, op, op)]
+    monkeypatch.setattr(harness, "discover", lambda: scenarios)
+    out, progress = io.StringIO(), io.StringIO()
+    rows = await harness.run(settings, None, json_path=None, duration_s=0.1,
+                             concurrency=(1,), out=out, progress=progress)
+    assert [r["scenario"] for r in rows] == ["t.before", "t.after"]
+    assert "t.redis                       skipped: REDIS_URL is not set" in out.getvalue()
+    assert "[bench] t.redis: skipped: REDIS_URL is not set" in progress.getvalue()

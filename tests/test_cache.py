@@ -8,6 +8,7 @@ Redis tests use the run's Redis under ``redis_prefix``; the outage tests start t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import logging
 import os
@@ -914,15 +915,23 @@ async def test_ai_namespaces_round_trip_scope_and_count_hits(dl: DataLayer) -> N
 
 # -- benchmarks -------------------------------------------------------------------------------
 
-async def test_cache_benchmarks_run_and_report_their_fields(settings: Settings) -> None:
+async def test_cache_benchmarks_run_and_report_their_fields(settings: Settings,
+                                                            redis_url: str) -> None:
     from benchmarks import harness
 
+    out = io.StringIO()
     rows = await harness.run(settings, ["cache.get.memory", "cache.get.redis",
                                         "cache.stampede"],
                              json_path=None, duration_s=0.2, concurrency=(1,), rounds=1,
-                             warmup_s=0.02, out=io.StringIO(), progress=io.StringIO())
+                             warmup_s=0.02, out=out, progress=io.StringIO())
     by = {r["scenario"]: r for r in rows}
     assert by["cache.get.memory"]["misses"] == 0
-    assert by["cache.get.redis"]["skipped"] == "REDIS_URL is not set"  # test settings
+    assert "cache.get.redis" not in by  # the test settings have no REDIS_URL: skipped
+    assert "cache.get.redis               skipped: REDIS_URL is not set" in out.getvalue()
+    with_redis = dataclasses.replace(settings, redis_url=redis_url)
+    rows = await harness.run(with_redis, ["cache.get.redis"], json_path=None, duration_s=0.2,
+                             concurrency=(1,), rounds=1, warmup_s=0.02, out=io.StringIO(),
+                             progress=io.StringIO())
+    assert [(r["scenario"], r["misses"]) for r in rows] == [("cache.get.redis", 0)]
     stampede = by["cache.stampede"]
     assert stampede["loader_calls"] == 1.0 and stampede["stampedes"] >= 1
